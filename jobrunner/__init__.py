@@ -1,0 +1,65 @@
+"""jobrunner: phased background jobs, each phase in its own database session.
+
+Subclass :class:`PhasedJob`, run it with :class:`JobRunner` (sync) or
+:class:`AsyncJobRunner` (async), and every execution is recorded in your database.
+"""
+
+from ._engine import DEFAULT_URL
+from ._exceptions import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    ExecutionCancelled,
+    ExecutionFailed,
+    ExecutionNotFound,
+    InvalidArgs,
+    InvalidTransition,
+    JobDefinitionError,
+    JobNotFound,
+    JobRunnerError,
+    JobTimedOut,
+    LeaseLost,
+    LoopBlocked,
+    PhaseSessionClosed,
+    ResultNotSerializable,
+    SchemaMissing,
+)
+from ._job import PhasedJob
+from ._records import Attempt, Execution
+from ._registry import Registry, default_registry
+from ._retry import TRANSIENT_ERRORS, RetryPolicy
+from ._runner import AsyncJobRunner, JobRunner
+from ._schema import ExecutionStatus, metadata
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_URL",
+    "TRANSIENT_ERRORS",
+    "AsyncJobRunner",
+    "Attempt",
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "Execution",
+    "ExecutionCancelled",
+    "ExecutionFailed",
+    "ExecutionNotFound",
+    "ExecutionStatus",
+    "InvalidArgs",
+    "InvalidTransition",
+    "JobDefinitionError",
+    "JobNotFound",
+    "JobRunner",
+    "JobRunnerError",
+    "JobTimedOut",
+    "LeaseLost",
+    "LoopBlocked",
+    "PhaseSessionClosed",
+    "PhasedJob",
+    "Registry",
+    "ResultNotSerializable",
+    "RetryPolicy",
+    "SchemaMissing",
+    "__version__",
+    "default_registry",
+    "metadata",
+]

@@ -1,0 +1,138 @@
+"""Engines for the execution store: URL normalisation, drivers, SQLite tuning."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import QueuePool
+
+from ._exceptions import ConfigurationError
+
+#: The embedded default used by the CLI and the demo.
+DEFAULT_URL = "sqlite:///jobrunner.db"
+
+_SYNC_DRIVERS = {"sqlite": "pysqlite", "postgresql": "psycopg"}
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+_ASYNC_ONLY = {"aiosqlite", "asyncpg"}
+_SYNC_ONLY = {"pysqlite", "psycopg2", "pg8000"}
+_INSTALL_HINT = {
+    "psycopg": "pip install 'jobrunner[postgres]'",
+    "asyncpg": "pip install 'jobrunner[postgres]'",
+    "aiosqlite": "pip install aiosqlite",
+}
+
+
+def database_url(url: str | URL | None) -> str | URL:
+    """The URL given, else ``JOBRUNNER_DATABASE_URL``, else the embedded SQLite file."""
+    return url or os.environ.get("JOBRUNNER_DATABASE_URL") or DEFAULT_URL
+
+
+def parse_url(url: str | URL, *, is_async: bool) -> URL:
+    """Parse ``url`` and pick a driver suited to a sync or async runner."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(
+            f"could not parse database URL {str(url)!r}; expected e.g. "
+            "'sqlite:///jobrunner.db' or 'postgresql+psycopg://user@host/dbname'"
+        ) from exc
+    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    if backend not in _SYNC_DRIVERS:
+        raise ConfigurationError(
+            f"unsupported database {backend!r} in {parsed.render_as_string(hide_password=True)}; "
+            "jobrunner supports sqlite and postgresql"
+        )
+    explicit = "+" in parsed.drivername
+    if is_async and (not explicit or driver in _SYNC_ONLY):
+        parsed = parsed.set(drivername=f"{backend}+{_ASYNC_DRIVERS[backend]}")
+    elif not is_async and (not explicit or driver in _ASYNC_ONLY):
+        parsed = parsed.set(drivername=f"{backend}+{_SYNC_DRIVERS[backend]}")
+    return parsed
+
+
+def is_memory_sqlite(url: URL) -> bool:
+    """True for an in-memory SQLite database (no file to share between engines)."""
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def _engine_kwargs(url: URL, options: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if url.get_backend_name() == "sqlite":
+        kwargs["connect_args"] = {"check_same_thread": False}
+        if is_memory_sqlite(url):
+            # One connection holds the whole in-memory database; callers queue for it.
+            kwargs.update(poolclass=QueuePool, pool_size=1, max_overflow=0)
+    kwargs.update(options)
+    return kwargs
+
+
+def _wrap_driver_error(url: URL, exc: Exception) -> ConfigurationError:
+    driver = url.get_driver_name()
+    hint = _INSTALL_HINT.get(driver, f"install the {driver} driver")
+    return ConfigurationError(f"the database driver {driver!r} is not installed: {hint}")
+
+
+def make_sync_engine(
+    url: str | URL, *, busy_timeout: float = 30.0, **options: Any
+) -> Engine:
+    """A sync engine for ``url`` (psycopg / sqlite3), SQLite tuned for concurrency."""
+    parsed = parse_url(url, is_async=False)
+    try:
+        engine = create_engine(parsed, **_engine_kwargs(parsed, options))
+    except (ImportError, NoSuchModuleError) as exc:
+        raise _wrap_driver_error(parsed, exc) from exc
+    if parsed.get_backend_name() == "sqlite":
+        _tune_sqlite(engine, busy_timeout, memory=is_memory_sqlite(parsed))
+    return engine
+
+
+def make_async_engine(
+    url: str | URL, *, busy_timeout: float = 30.0, **options: Any
+) -> AsyncEngine:
+    """An async engine for ``url`` (asyncpg / aiosqlite), SQLite tuned for concurrency."""
+    parsed = parse_url(url, is_async=True)
+    try:
+        engine = create_async_engine(parsed, **_engine_kwargs(parsed, options))
+    except (ImportError, NoSuchModuleError) as exc:
+        raise _wrap_driver_error(parsed, exc) from exc
+    if parsed.get_backend_name() == "sqlite":
+        _tune_sqlite(engine.sync_engine, busy_timeout, memory=is_memory_sqlite(parsed))
+    return engine
+
+
+def _tune_sqlite(engine: Engine, busy_timeout: float, *, memory: bool) -> None:
+    """WAL, a busy timeout and BEGIN IMMEDIATE, so concurrent writers queue, never fail.
+
+    sqlite3's default deferred transactions take the write lock only at their first
+    write; two of them that both read first then deadlock and one fails at once with
+    "database is locked", busy timeout or not. BEGIN IMMEDIATE takes the lock up front,
+    so writers wait their turn (the recipe from SQLAlchemy's SQLite dialect docs).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def display_url(url: str | URL) -> str:
+    """The URL with its password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)

@@ -1,0 +1,253 @@
+"""PhasedJob: the base class applications subclass, and what the runner learns from it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
+
+import pydantic
+import pydantic_core
+
+from ._exceptions import InvalidArgs, JobDefinitionError, ResultNotSerializable
+from ._retry import NO_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    from ._session import SessionScope
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+PHASES = ("load", "execute", "record")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class JobSpec:
+    """What the runner needs to know about a job class, computed once at definition."""
+
+    name: str
+    handler: str
+    async_phases: frozenset[str]
+    overridden: frozenset[str]
+
+    def is_async(self, phase: str) -> bool:
+        """Whether ``phase`` is an ``async def`` on this job."""
+        return phase in self.async_phases
+
+    def runs(self, phase: str) -> bool:
+        """Whether the job overrides ``phase`` (default load/record do no I/O)."""
+        return phase in self.overridden
+
+
+@dataclasses.dataclass(kw_only=True)
+class JobContext:
+    """What a running job instance can reach: ids, its session scope, cancellation."""
+
+    execution_id: str
+    attempt: int
+    session_scope: Callable[[], SessionScope]
+    cancel_event: threading.Event
+
+
+def _check_positive(cls: type, attr: str) -> None:
+    value = getattr(cls, attr)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise JobDefinitionError(
+            f"{cls.__qualname__}.{attr} must be a positive number of seconds or None, "
+            f"got {value!r}"
+        )
+
+
+class PhasedJob:
+    """Subclass this and define ``execute`` (and optionally ``load`` and ``record``).
+
+    A run has three phases, each ``def`` or ``async def``:
+
+    * ``load(session, args)`` reads inputs in its own transaction, committed before
+      execute starts. Return plain data; the session is closed afterwards.
+    * ``execute(loaded)`` does the slow work with no session held. Use
+      ``self.session()`` for short database work of its own.
+    * ``record(session, result)`` writes outputs in a fresh transaction, committed
+      together with the ``succeeded`` status.
+
+    Class attributes: ``name`` (default: the handler path ``"module:Class"``),
+    ``Args`` (a pydantic model validating the arguments), ``Result`` (optional pydantic
+    model the checkpointed result is validated into before ``record``), ``retry``
+    (:class:`RetryPolicy`), ``timeout`` (seconds for execute), ``load_timeout``,
+    ``record_timeout``. Pass ``abstract=True`` in the class statement for shared bases.
+
+    Module-level job classes register themselves in the default registry when defined
+    (``register=False`` in the class statement opts out); importing the module that
+    defines them is enough for workers and the CLI to find them by name.
+    """
+
+    name: ClassVar[str]
+    handler: ClassVar[str]
+    Args: ClassVar[type[pydantic.BaseModel] | None] = None
+    Result: ClassVar[type[pydantic.BaseModel] | None] = None
+    retry: ClassVar[RetryPolicy] = NO_RETRY
+    timeout: ClassVar[float | None] = None
+    load_timeout: ClassVar[float | None] = None
+    record_timeout: ClassVar[float | None] = None
+    spec: ClassVar[JobSpec]
+
+    _context: JobContext | None = None
+
+    def __init_subclass__(cls, *, abstract: bool = False, register: bool = True,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if abstract:
+            return
+        handler = f"{cls.__module__}:{cls.__qualname__}"
+        if "execute" not in _overridden(cls):
+            raise JobDefinitionError(
+                f"{cls.__qualname__} does not define execute(self, loaded); every PhasedJob "
+                "needs one (pass abstract=True in the class statement for a shared base class)"
+            )
+        cls.handler = handler
+        if "name" not in cls.__dict__:
+            cls.name = handler
+        if not isinstance(cls.name, str) or not cls.name.strip():
+            raise JobDefinitionError(f"{cls.__qualname__}.name must be a non-empty string")
+        if not isinstance(cls.retry, RetryPolicy):
+            raise JobDefinitionError(
+                f"{cls.__qualname__}.retry must be a RetryPolicy, got {cls.retry!r}"
+            )
+        for attr in ("timeout", "load_timeout", "record_timeout"):
+            _check_positive(cls, attr)
+        for attr in ("Args", "Result"):
+            model = getattr(cls, attr)
+            if model is not None and not (
+                isinstance(model, type) and issubclass(model, pydantic.BaseModel)
+            ):
+                raise JobDefinitionError(
+                    f"{cls.__qualname__}.{attr} must be a pydantic BaseModel subclass"
+                )
+        cls.spec = JobSpec(
+            name=cls.name,
+            handler=handler,
+            async_phases=frozenset(p for p in PHASES if _is_async(getattr(cls, p))),
+            overridden=frozenset(_overridden(cls)),
+        )
+        if register and "<locals>" not in cls.__qualname__:
+            from ._registry import default_registry
+
+            default_registry.register(cls)
+
+    # -- the three phases -------------------------------------------------------------
+
+    def load(self, session: Any, args: Any) -> Any:
+        """Read what execute needs; the default returns ``args`` unchanged."""
+        return args
+
+    def execute(self, loaded: Any) -> Any:
+        """Do the work. Must be overridden."""
+        raise NotImplementedError
+
+    def record(self, session: Any, result: Any) -> None:
+        """Write the outputs; the default writes nothing."""
+
+    # -- helpers available inside phases ----------------------------------------------
+
+    @property
+    def execution_id(self) -> str:
+        """The id of the execution this instance is running."""
+        return self._require_context().execution_id
+
+    @property
+    def attempt(self) -> int:
+        """The attempt number (1 for the first try)."""
+        return self._require_context().attempt
+
+    def session(self) -> SessionScope:
+        """A fresh short-lived session: ``with`` in sync code, ``async with`` in async.
+
+        It commits on a clean exit and rolls back on error; it shares nothing with the
+        phase sessions, so nested helpers never collide on one connection.
+        """
+        return self._require_context().session_scope()
+
+    def cancelled(self) -> bool:
+        """True once this execution was cancelled; long sync code should check it."""
+        return self._require_context().cancel_event.is_set()
+
+    async def to_thread(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run blocking ``fn`` in a worker thread so the event loop keeps serving."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def _require_context(self) -> JobContext:
+        if self._context is None:
+            raise JobDefinitionError(
+                f"{type(self).__qualname__} is not running under a runner; "
+                "session(), execution_id and cancelled() exist only inside phases"
+            )
+        return self._context
+
+    # -- argument and result handling (used by the runners) ----------------------------
+
+    @classmethod
+    def validate_args(cls, args: Any) -> tuple[Any, dict[str, Any]]:
+        """Validate ``args``; return (value for ``load``, JSON-ready dict to store)."""
+        if cls.Args is None:
+            data = {} if args is None else args
+            if isinstance(data, pydantic.BaseModel):
+                data = data.model_dump(mode="json")
+            if not isinstance(data, Mapping):
+                raise InvalidArgs(
+                    f"args for job {cls.name!r} must be a mapping (the job declares no Args "
+                    f"model), got {type(args).__name__}"
+                )
+            stored = _jsonable(dict(data), f"args for job {cls.name!r}", InvalidArgs)
+            return stored, stored
+        try:
+            if isinstance(args, cls.Args):
+                model = cls.Args.model_validate(args.model_dump())
+            else:
+                model = cls.Args.model_validate({} if args is None else args)
+        except pydantic.ValidationError as exc:
+            raise InvalidArgs(f"invalid args for job {cls.name!r}: {_summary(exc)}") from exc
+        return model, model.model_dump(mode="json")
+
+    @classmethod
+    def dump_result(cls, result: Any) -> Any:
+        """The JSON form of ``execute``'s result, as it is checkpointed."""
+        return _jsonable(result, f"the result of {cls.name!r}.execute", ResultNotSerializable)
+
+    @classmethod
+    def restore_result(cls, stored: Any) -> Any:
+        """What ``record`` receives: the checkpoint, validated into ``Result`` if declared."""
+        if cls.Result is None:
+            return stored
+        return cls.Result.model_validate(stored)
+
+
+def _jsonable(value: Any, what: str, error: type[Exception]) -> Any:
+    try:
+        return pydantic_core.to_jsonable_python(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise error(
+            f"{what} is not JSON-serialisable ({exc}); return plain data (dict, list, str, "
+            "numbers), a dataclass or a pydantic model"
+        ) from exc
+
+
+def _summary(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "args"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(inspect.unwrap(fn))
+
+
+def _overridden(cls: type) -> set[str]:
+    return {p for p in PHASES if getattr(cls, p) is not getattr(PhasedJob, p)}
+

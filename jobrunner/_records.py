@@ -1,0 +1,103 @@
+"""Read-only values returned by the runners: one execution, one attempt."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Self
+
+from ._exceptions import ExecutionFailed
+from ._schema import ExecutionStatus
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Execution:
+    """One row of ``jobrunner_executions``: what ran, how, and how it ended."""
+
+    id: uuid.UUID
+    job: str
+    handler: str
+    args: dict[str, Any]
+    status: ExecutionStatus
+    phase: str | None
+    attempt: int
+    max_attempts: int
+    triggered_by: str
+    external_id: str | None
+    worker: str | None
+    lease_token: int
+    idempotency_key: str | None
+    concurrency_key: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    next_retry_at: datetime | None
+    load_ms: float | None
+    execute_ms: float | None
+    record_ms: float | None
+    max_loop_lag_ms: float | None
+    checkpointed: bool
+    result: Any
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """Build from a ``jobrunner_executions`` row mapping."""
+        values = dict(row)
+        values["status"] = ExecutionStatus(values["status"])
+        return cls(**values)
+
+    @property
+    def duration_ms(self) -> float | None:
+        """Wall time from start to finish, when both are known."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds() * 1000
+
+    @property
+    def succeeded(self) -> bool:
+        """True when the execution ended ``succeeded``."""
+        return self.status is ExecutionStatus.SUCCEEDED
+
+    def raise_for_status(self) -> Self:
+        """Return self if succeeded, else raise :class:`ExecutionFailed` with the error."""
+        if self.status is not ExecutionStatus.SUCCEEDED:
+            raise ExecutionFailed(self)
+        return self
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Attempt:
+    """One row of ``jobrunner_attempts``: a single try at an execution."""
+
+    id: int
+    execution_id: uuid.UUID
+    number: int
+    status: ExecutionStatus
+    phase: str | None
+    resumed_from: str
+    worker: str | None
+    triggered_by: str | None
+    started_at: datetime
+    finished_at: datetime
+    load_ms: float | None
+    execute_ms: float | None
+    record_ms: float | None
+    max_loop_lag_ms: float | None
+    wait_s: float | None
+    error_type: str | None
+    error_message: str | None
+    error_traceback: str | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """Build from a ``jobrunner_attempts`` row mapping."""
+        values = dict(row)
+        values["status"] = ExecutionStatus(values["status"])
+        return cls(**values)

@@ -1,0 +1,110 @@
+"""Registry: job names and handler paths (``"pkg.module:Class"``) to job classes."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import threading
+from collections.abc import Iterator
+
+from ._exceptions import JobDefinitionError, JobNotFound
+from ._job import PhasedJob
+
+JobRef = type[PhasedJob] | str
+
+
+class Registry:
+    """Maps job names and handler paths to :class:`PhasedJob` classes.
+
+    Classes are registered explicitly (``registry.register(MyJob)``, usable as a class
+    decorator) or implicitly the first time a runner is handed the class. Handler paths
+    resolve lazily by importing the module, so a worker that only has an execution row
+    can find its job.
+    """
+
+    def __init__(self, jobs: list[type[PhasedJob]] | None = None) -> None:
+        self._by_name: dict[str, type[PhasedJob]] = {}
+        self._lock = threading.Lock()
+        for job in jobs or ():
+            self.register(job)
+
+    def register(self, job: type[PhasedJob]) -> type[PhasedJob]:
+        """Add ``job``; returns it so this works as a class decorator."""
+        if not (isinstance(job, type) and issubclass(job, PhasedJob)) or not hasattr(job, "spec"):
+            raise JobDefinitionError(f"{job!r} is not a concrete PhasedJob subclass")
+        with self._lock:
+            known = self._by_name.get(job.name)
+            if known is not None and known is not job and known.handler != job.handler:
+                raise JobDefinitionError(
+                    f"job name {job.name!r} is already registered to {known.handler}; "
+                    f"{job.handler} needs a different `name`"
+                )
+            self._by_name[job.name] = job
+        return job
+
+    def resolve(self, ref: JobRef) -> type[PhasedJob]:
+        """The job class for a class, a registered name or a handler path."""
+        if isinstance(ref, type):
+            return self.register(ref)
+        if not isinstance(ref, str):
+            raise JobNotFound(f"a job is a PhasedJob subclass, a name or a handler path: {ref!r}")
+        found = self._by_name.get(ref)
+        if found is not None:
+            return found
+        if ":" in ref:
+            return self.register(self._import(ref))
+        raise JobNotFound(self._unknown_message(ref))
+
+    def resolve_row(self, name: str, handler: str) -> type[PhasedJob]:
+        """The job class for a stored execution: by name, else by importing its handler."""
+        found = self._by_name.get(name)
+        if found is not None:
+            return found
+        return self.register(self._import(handler))
+
+    def __iter__(self) -> Iterator[type[PhasedJob]]:
+        return iter(sorted(self._by_name.values(), key=lambda job: job.name))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def _import(self, handler: str) -> type[PhasedJob]:
+        module_name, _, qualname = handler.partition(":")
+        if not module_name or not qualname:
+            raise JobNotFound(f"{handler!r} is not a handler path like 'package.module:Class'")
+        if "<locals>" in qualname:
+            raise JobNotFound(
+                f"{handler!r} is defined inside a function and cannot be imported; "
+                "register the class with this process's Registry or move it to module level"
+            )
+        try:
+            target: object = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise JobNotFound(
+                f"cannot import module {module_name!r} for handler {handler!r}: {exc}"
+            ) from exc
+        for part in qualname.split("."):
+            if not hasattr(target, part):
+                raise JobNotFound(self._unknown_message(handler, module_name=module_name))
+            target = getattr(target, part)
+        if not (isinstance(target, type) and issubclass(target, PhasedJob)):
+            raise JobNotFound(f"{handler!r} is not a PhasedJob subclass")
+        return target
+
+    def _unknown_message(self, ref: str, module_name: str | None = None) -> str:
+        where = f"module {module_name!r} has no {ref.partition(':')[2]!r}" if module_name else ""
+        candidates = list(self._by_name) + [job.handler for job in self._by_name.values()]
+        close = difflib.get_close_matches(ref, candidates, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if not close and self._by_name:
+            hint = f"; known jobs: {', '.join(sorted(self._by_name))}"
+        if not self._by_name and not module_name:
+            hint = "; no jobs are registered (import the module defining them, e.g. --app)"
+        return f"no job named {ref!r}{' (' + where + ')' if where else ''}{hint}"
+
+
+#: The registry runners use unless given one.
+default_registry = Registry()

@@ -1,0 +1,619 @@
+"""JobRunner (sync) and AsyncJobRunner (async): the same verbs over one state machine.
+
+Both drive :class:`~jobrunner._attempt.AttemptState` through the phases of
+:mod:`jobrunner._phases`, with tenacity deciding when to try again. Only the I/O edge
+differs: ``JobRunner`` never creates an event loop; ``AsyncJobRunner`` runs async phases
+on the loop and sync ones in worker threads.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any, NoReturn, Self
+
+import tenacity
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from . import _queries as q
+from ._attempt import AttemptState, new_row, utcnow
+from ._engine import database_url, display_url, is_memory_sqlite, make_async_engine, make_sync_engine
+from ._exceptions import (
+    ConfigurationError,
+    ExecutionNotFound,
+    InvalidTransition,
+    LeaseLost,
+)
+from ._job import PhasedJob
+from ._phases import AsyncPhases, SyncPhases, make_job
+from ._records import Attempt, Execution
+from ._registry import JobRef, Registry, default_registry
+from ._schema import ExecutionStatus
+from ._session import SessionScope
+
+logger = logging.getLogger("jobrunner")
+
+RETRYING = ExecutionStatus.RETRYING
+RETRYABLE_BY_HAND = ("failed", "timed_out", "cancelled", "abandoned")
+
+IdLike = uuid.UUID | str
+StatusFilter = ExecutionStatus | str | Iterable[ExecutionStatus | str] | None
+
+
+class _StopRun(BaseException):
+    """Ends a run early without it counting as a failure (deferred retry, lost claim)."""
+
+    def __init__(self, execution: Execution | None) -> None:
+        self.execution = execution
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _as_id(value: IdLike) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise ExecutionNotFound(f"{value!r} is not an execution id (expected a UUID)") from None
+
+
+def _statuses(status: StatusFilter) -> list[str] | None:
+    if status is None:
+        return None
+    items = [status] if isinstance(status, str) else list(status)
+    try:
+        return [ExecutionStatus(s).value for s in items]
+    except ValueError as exc:
+        known = ", ".join(s.value for s in ExecutionStatus)
+        raise ConfigurationError(f"{exc}; statuses are: {known}") from None
+
+
+def _since(since: datetime | timedelta | None) -> datetime | None:
+    return utcnow() - since if isinstance(since, timedelta) else since
+
+
+class _RunnerBase:
+    """What both runners share that does no I/O."""
+
+    _runner_name = "runner"
+
+    def __init__(self, *, registry: Registry | None, worker_id: str | None,
+                 inline_retry_max_wait: float) -> None:
+        self.registry = registry if registry is not None else default_registry
+        self.worker_id = worker_id or _worker_id()
+        if inline_retry_max_wait < 0:
+            raise ConfigurationError("inline_retry_max_wait must be >= 0 seconds")
+        self.inline_retry_max_wait = inline_retry_max_wait
+
+    def _submission(self, job: JobRef, args: Any, *, idempotency_key: str | None,
+                    triggered_by: str, external_id: str | None, due: bool
+                    ) -> tuple[type[PhasedJob], dict[str, Any]]:
+        job_cls = self.registry.resolve(job)
+        _, args_json = job_cls.validate_args(args)
+        row = new_row(job_cls, args_json, execution_id=uuid.uuid4(), now=utcnow(),
+                      triggered_by=triggered_by, idempotency_key=idempotency_key,
+                      external_id=external_id, due_at=utcnow() if due else None)
+        return job_cls, row
+
+    def _inline(self, job: JobRef, args: Any, *, triggered_by: str,
+                idempotency_key: str | None) -> AttemptState:
+        job_cls = self.registry.resolve(job)
+        self._check_runnable(job_cls)
+        args_value, args_json = job_cls.validate_args(args)
+        state = AttemptState.inline(job_cls, args_json, worker=self.worker_id,
+                                    triggered_by=triggered_by, idempotency_key=idempotency_key)
+        state.args_value = args_value
+        return state
+
+    def _check_runnable(self, job_cls: type[PhasedJob]) -> None:
+        """Refuse jobs this runner cannot run (JobRunner: async phases)."""
+
+    def _runnable_jobs(self) -> builtins.list[str]:
+        return [job.name for job in self.registry if self._can_run(job)]
+
+    def _can_run(self, job_cls: type[PhasedJob]) -> bool:
+        return True
+
+    def _claimable(self, execution: Execution) -> type[PhasedJob] | None:
+        """The job class to run ``execution`` with, or None if it is not waiting to run."""
+        if execution.status.value not in ("pending", "retrying") or execution.cancel_requested:
+            logger.info("execution %s is %s; not running it", execution.id, execution.status,
+                        extra={"execution_id": str(execution.id), "job": execution.job})
+            return None
+        job_cls = self.registry.resolve_row(execution.job, execution.handler)
+        self._check_runnable(job_cls)
+        return job_cls
+
+    def _after_failure(self, state: AttemptState, execution: Execution | None,
+                       wait: float) -> None:
+        """tenacity's before_sleep: go on inline, or stop and leave it ``retrying``."""
+        if execution is None or wait > self.inline_retry_max_wait:
+            raise _StopRun(execution)
+        logger.info("execution %s of %s: attempt %d failed (%s), retrying in %.2fs",
+                    state.execution_id, state.job_cls.name, state.number,
+                    state.error.type if state.error else "?", wait,
+                    extra=_extra(state))
+        state.prepare_retry()
+
+    def _log_end(self, state: AttemptState, execution: Execution | None) -> None:
+        if execution is None:
+            return
+        if execution.status is ExecutionStatus.SUCCEEDED:
+            logger.debug("execution %s of %s succeeded", execution.id, execution.job,
+                         extra=_extra(state))
+        else:
+            logger.warning("execution %s of %s ended %s in %s: %s: %s", execution.id,
+                           execution.job, execution.status, execution.phase,
+                           execution.error_type, execution.error_message, extra=_extra(state))
+
+    def _lost(self, state: AttemptState, exc: LeaseLost) -> None:
+        logger.warning("%s", exc, extra=_extra(state))
+
+    def _retry_budget(self, execution: Execution) -> int:
+        job_cls = self.registry.resolve_row(execution.job, execution.handler)
+        return execution.attempt + job_cls.retry.max_attempts
+
+    def _cancel_result(self, execution_id: uuid.UUID, execution: Execution | None,
+                       current: Execution | None) -> Execution:
+        if execution is not None:
+            return execution
+        if current is None:
+            raise ExecutionNotFound(f"no execution with id {execution_id}")
+        raise InvalidTransition(
+            f"execution {execution_id} is {current.status}; only pending, retrying or "
+            "running executions can be cancelled"
+        )
+
+    def _retry_result(self, execution_id: uuid.UUID, execution: Execution | None,
+                      current: Execution) -> Execution:
+        if execution is None:
+            raise InvalidTransition(
+                f"execution {execution_id} is {current.status}; only "
+                f"{', '.join(RETRYABLE_BY_HAND)} executions can be retried"
+            )
+        return execution
+
+
+def _extra(state: AttemptState) -> dict[str, Any]:
+    return {"execution_id": str(state.execution_id), "job": state.job_cls.name,
+            "phase": state.phase}
+
+
+def _missing(execution_id: uuid.UUID) -> NoReturn:
+    raise ExecutionNotFound(f"no execution with id {execution_id}")
+
+
+class JobRunner(_RunnerBase):
+    """Runs jobs synchronously on a sync engine (psycopg or sqlite3); never an event loop.
+
+    ``JobRunner("sqlite:///jobs.db")`` or ``JobRunner("postgresql+psycopg://...")``;
+    without a URL, ``JOBRUNNER_DATABASE_URL`` or the embedded ``sqlite:///jobrunner.db``.
+    Jobs with ``async def`` phases need :class:`AsyncJobRunner`.
+    """
+
+    _runner_name = "JobRunner"
+
+    def __init__(self, url: str | URL | None = None, *, engine: Engine | None = None,
+                 registry: Registry | None = None, worker_id: str | None = None,
+                 inline_retry_max_wait: float = 5.0, **engine_options: Any) -> None:
+        super().__init__(registry=registry, worker_id=worker_id,
+                         inline_retry_max_wait=inline_retry_max_wait)
+        self.engine = engine if engine is not None else make_sync_engine(
+            database_url(url), **engine_options)
+        self.url = display_url(self.engine.url)
+        self._phases = SyncPhases(self.engine, self.url)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create the jobrunner tables if missing (quick start; use migrations in prod)."""
+        with self._phases.tx() as conn:
+            q.create_schema(conn)
+
+    def close(self) -> None:
+        """Dispose of the engine's connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- submitting and running ----------------------------------------------------------
+
+    def submit(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
+               triggered_by: str = "api", external_id: str | None = None,
+               due: bool = True) -> uuid.UUID:
+        """Validate ``args`` and store a pending execution; returns its id.
+
+        With ``idempotency_key``, a second submit returns the first execution's id.
+        ``due=False`` leaves it to a queue (Celery) instead of :meth:`run_due`.
+        """
+        _, row = self._submission(job, args, idempotency_key=idempotency_key,
+                                  triggered_by=triggered_by, external_id=external_id, due=due)
+        with self._phases.tx() as conn:
+            if idempotency_key is not None:
+                existing = q.find_by_idempotency_key(conn, idempotency_key)
+                if existing is not None:
+                    return existing.id
+            q.insert_execution(conn, row)
+        return uuid.UUID(str(row["id"]))
+
+    def run(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
+            triggered_by: str = "inline") -> Execution:
+        """Submit and run inline, retrying per the job's policy; returns the execution.
+
+        A failed job does not raise: the returned execution says ``failed`` and why
+        (call :meth:`Execution.raise_for_status` to turn that into an exception).
+        """
+        if idempotency_key is not None:
+            existing = self._existing(idempotency_key)
+            if existing is not None:
+                return existing
+        return self._drive(self._inline(job, args, triggered_by=triggered_by,
+                                        idempotency_key=idempotency_key))
+
+    def run_execution(self, execution_id: IdLike) -> Execution:
+        """Claim and run a pending or retrying execution (e.g. one submitted elsewhere).
+
+        An execution that already finished, or is running elsewhere, is returned as is.
+        """
+        current = self.get(execution_id)
+        job_cls = self._claimable(current)
+        if job_cls is None:
+            return current
+        return self._claim_and_drive(job_cls, current.id)
+
+    def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
+        """Claim and run executions whose time has come (retries, plain submits)."""
+        with self._phases.tx() as conn:
+            rows = q.claim_due(conn, worker=self.worker_id, now=utcnow(), limit=limit,
+                               jobs=self._runnable_jobs())
+        return [self._drive(AttemptState.claimed(
+            self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id))
+            for r in rows]
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, execution_id: IdLike) -> Execution:
+        """One execution by id; :class:`ExecutionNotFound` if there is none."""
+        eid = _as_id(execution_id)
+        with self._phases.tx() as conn:
+            execution = q.get(conn, eid)
+        return execution if execution is not None else _missing(eid)
+
+    def list(self, *, status: StatusFilter = None, job: str | None = None,
+             since: datetime | timedelta | None = None, limit: int = 100
+             ) -> builtins.list[Execution]:
+        """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
+        with self._phases.tx() as conn:
+            return q.list_executions(conn, status=_statuses(status), job=job,
+                                     since=_since(since), limit=limit)
+
+    def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
+        """The attempt ledger of one execution, oldest first."""
+        eid = _as_id(execution_id)
+        with self._phases.tx() as conn:
+            if q.get(conn, eid) is None:
+                _missing(eid)
+            return q.list_attempts(conn, eid)
+
+    # -- operator actions ------------------------------------------------------------------
+
+    def cancel(self, execution_id: IdLike) -> Execution:
+        """Cancel: pending/retrying ones at once, running ones at their next checkpoint."""
+        eid = _as_id(execution_id)
+        with self._phases.tx() as conn:
+            execution = q.cancel(conn, eid, utcnow())
+            current = None if execution else q.get(conn, eid)
+        return self._cancel_result(eid, execution, current)
+
+    def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
+        """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
+        current = self.get(execution_id)
+        with self._phases.tx() as conn:
+            execution = q.requeue(conn, current.id, from_statuses=RETRYABLE_BY_HAND,
+                                  max_attempts=self._retry_budget(current),
+                                  triggered_by=triggered_by, now=utcnow())
+        return self._retry_result(current.id, execution, current)
+
+    # -- the state machine's sync edge ---------------------------------------------------------
+
+    def _check_runnable(self, job_cls: type[PhasedJob]) -> None:
+        if not self._can_run(job_cls):
+            phases = ", ".join(sorted(job_cls.spec.async_phases))
+            raise ConfigurationError(
+                f"job {job_cls.name!r} has async phases ({phases}); JobRunner is synchronous "
+                "and never starts an event loop. Run it with AsyncJobRunner "
+                "(e.g. `await AsyncJobRunner(url).run(...)`) or make its phases plain `def`."
+            )
+
+    def _can_run(self, job_cls: type[PhasedJob]) -> bool:
+        return not job_cls.spec.async_phases
+
+    def _existing(self, idempotency_key: str) -> Execution | None:
+        with self._phases.tx() as conn:
+            return q.find_by_idempotency_key(conn, idempotency_key)
+
+    def _claim_and_drive(self, job_cls: type[PhasedJob], execution_id: uuid.UUID) -> Execution:
+        with self._phases.tx() as conn:
+            row = q.claim(conn, execution_id, worker=self.worker_id, now=utcnow(), phase="load")
+        if row is None:
+            return self.get(execution_id)
+        return self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
+
+    def _scope(self) -> SessionScope:
+        return SessionScope(lambda: self._phases.sessions, None, self._runner_name)
+
+    def _drive(self, state: AttemptState) -> Execution:
+        phases = self._phases
+
+        def before_sleep(retry: tenacity.RetryCallState) -> None:
+            wait = retry.upcoming_sleep
+            self._after_failure(state, phases.finish_failure(state, RETRYING, wait), wait)
+
+        try:
+            for attempt in state.policy.retrying(done_attempts=state.number - 1,
+                                                 before_sleep=before_sleep):
+                with attempt:
+                    return self._attempt(state)
+        except _StopRun as stop:
+            return stop.execution or self.get(state.execution_id)
+        except LeaseLost as exc:
+            self._lost(state, exc)
+            return self.get(state.execution_id)
+        except BaseException:
+            if state.error is None:
+                raise
+            execution = phases.finish_failure(state, state.final_status(), None)
+            self._log_end(state, execution)
+            if not isinstance(state.failure, Exception):
+                raise
+            return execution or self.get(state.execution_id)
+        raise AssertionError("unreachable: tenacity ends with a result or an exception")
+
+    def _attempt(self, state: AttemptState) -> Execution:
+        phases = self._phases
+        if state.needs_claim:
+            row = phases.claim(state)
+            if row is None:
+                raise _StopRun(None)
+            state.adopt_claim(row)
+        job = make_job(state, self._scope, threading.Event())
+        try:
+            if state.resume_from == "load":
+                loaded = phases.load(state, job)
+                phases.checkpoint(state, phases.execute(state, job, loaded))
+            return phases.record(state, job)
+        except BaseException as exc:
+            state.capture(exc)
+            raise
+
+
+class AsyncJobRunner(_RunnerBase):
+    """Runs jobs on the running event loop with an async engine (asyncpg or aiosqlite).
+
+    Async phases run on the loop; a sync ``execute`` runs in a worker thread, and sync
+    ``load``/``record`` run in a worker thread on a sync engine for the same database,
+    so the loop never blocks. Same verbs as :class:`JobRunner`; close with ``aclose()``.
+    """
+
+    _runner_name = "AsyncJobRunner"
+
+    def __init__(self, url: str | URL | None = None, *, engine: AsyncEngine | None = None,
+                 registry: Registry | None = None, worker_id: str | None = None,
+                 inline_retry_max_wait: float = 5.0, **engine_options: Any) -> None:
+        super().__init__(registry=registry, worker_id=worker_id,
+                         inline_retry_max_wait=inline_retry_max_wait)
+        self.engine = engine if engine is not None else make_async_engine(
+            database_url(url), **engine_options)
+        self.url = display_url(self.engine.url)
+        self._engine_options = engine_options
+        self._sync: SyncPhases | None = None
+        self._sync_lock = threading.Lock()
+        self._phases = AsyncPhases(self.engine, self.url, self._sync_phases)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def create_schema(self) -> None:
+        """Create the jobrunner tables if missing (quick start; use migrations in prod)."""
+        async with self._phases.tx() as conn:
+            await conn.run_sync(q.create_schema)
+
+    async def aclose(self) -> None:
+        """Dispose of the engines' connections."""
+        await self.engine.dispose()
+        if self._sync is not None:
+            self._sync.engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- submitting and running ----------------------------------------------------------
+
+    async def submit(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
+                     triggered_by: str = "api", external_id: str | None = None,
+                     due: bool = True) -> uuid.UUID:
+        """Validate ``args`` and store a pending execution; returns its id."""
+        _, row = self._submission(job, args, idempotency_key=idempotency_key,
+                                  triggered_by=triggered_by, external_id=external_id, due=due)
+        async with self._phases.tx() as conn:
+            if idempotency_key is not None:
+                existing = await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
+                if existing is not None:
+                    return existing.id
+            await conn.run_sync(q.insert_execution, row)
+        return uuid.UUID(str(row["id"]))
+
+    async def run(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
+                  triggered_by: str = "inline") -> Execution:
+        """Submit and run inline, retrying per the job's policy; returns the execution."""
+        if idempotency_key is not None:
+            existing = await self._existing(idempotency_key)
+            if existing is not None:
+                return existing
+        return await self._drive(self._inline(job, args, triggered_by=triggered_by,
+                                              idempotency_key=idempotency_key))
+
+    async def run_execution(self, execution_id: IdLike) -> Execution:
+        """Claim and run a pending or retrying execution; finished ones are returned as is."""
+        current = await self.get(execution_id)
+        job_cls = self._claimable(current)
+        if job_cls is None:
+            return current
+        return await self._claim_and_drive(job_cls, current.id)
+
+    async def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
+        """Claim and run executions whose time has come (retries, plain submits)."""
+        jobs = self._runnable_jobs()
+        async with self._phases.tx() as conn:
+            rows = await conn.run_sync(
+                lambda c: q.claim_due(c, worker=self.worker_id, now=utcnow(), limit=limit,
+                                      jobs=jobs))
+        return [await self._drive(AttemptState.claimed(
+            self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id))
+            for r in rows]
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def get(self, execution_id: IdLike) -> Execution:
+        """One execution by id; :class:`ExecutionNotFound` if there is none."""
+        eid = _as_id(execution_id)
+        async with self._phases.tx() as conn:
+            execution = await conn.run_sync(q.get, eid)
+        return execution if execution is not None else _missing(eid)
+
+    async def list(self, *, status: StatusFilter = None, job: str | None = None,
+                   since: datetime | timedelta | None = None, limit: int = 100
+                   ) -> builtins.list[Execution]:
+        """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
+        statuses, after = _statuses(status), _since(since)
+        async with self._phases.tx() as conn:
+            return await conn.run_sync(
+                lambda c: q.list_executions(c, status=statuses, job=job, since=after,
+                                            limit=limit))
+
+    async def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
+        """The attempt ledger of one execution, oldest first."""
+        eid = _as_id(execution_id)
+        async with self._phases.tx() as conn:
+            if await conn.run_sync(q.get, eid) is None:
+                _missing(eid)
+            return await conn.run_sync(q.list_attempts, eid)
+
+    # -- operator actions ------------------------------------------------------------------
+
+    async def cancel(self, execution_id: IdLike) -> Execution:
+        """Cancel: pending/retrying ones at once, running ones at their next checkpoint."""
+        eid = _as_id(execution_id)
+        async with self._phases.tx() as conn:
+            execution = await conn.run_sync(q.cancel, eid, utcnow())
+            current = None if execution else await conn.run_sync(q.get, eid)
+        return self._cancel_result(eid, execution, current)
+
+    async def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
+        """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
+        current = await self.get(execution_id)
+        budget = self._retry_budget(current)
+        async with self._phases.tx() as conn:
+            execution = await conn.run_sync(
+                lambda c: q.requeue(c, current.id, from_statuses=RETRYABLE_BY_HAND,
+                                    max_attempts=budget, triggered_by=triggered_by,
+                                    now=utcnow()))
+        return self._retry_result(current.id, execution, current)
+
+    # -- the state machine's async edge --------------------------------------------------------
+
+    def _sync_phases(self) -> SyncPhases:
+        """The sync engine for sync phases, created on first need (thread-safe)."""
+        with self._sync_lock:
+            if self._sync is None:
+                url = self.engine.url
+                if is_memory_sqlite(url):
+                    raise ConfigurationError(
+                        "sync load/record and `with self.session()` under AsyncJobRunner run "
+                        "in a worker thread on a second, sync engine, and an in-memory SQLite "
+                        "database cannot be shared between engines; use a file "
+                        "('sqlite+aiosqlite:///jobs.db') or make those phases async"
+                    )
+                self._sync = SyncPhases(
+                    make_sync_engine(url.render_as_string(hide_password=False),
+                                     **self._engine_options), self.url)
+            return self._sync
+
+    async def _existing(self, idempotency_key: str) -> Execution | None:
+        async with self._phases.tx() as conn:
+            return await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
+
+    async def _claim_and_drive(self, job_cls: type[PhasedJob],
+                               execution_id: uuid.UUID) -> Execution:
+        async with self._phases.tx() as conn:
+            row = await conn.run_sync(
+                lambda c: q.claim(c, execution_id, worker=self.worker_id, now=utcnow(),
+                                  phase="load"))
+        if row is None:
+            return await self.get(execution_id)
+        return await self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
+
+    def _scope(self) -> SessionScope:
+        return SessionScope(lambda: self._sync_phases().sessions, self._phases.sessions,
+                            self._runner_name)
+
+    async def _drive(self, state: AttemptState) -> Execution:
+        phases = self._phases
+
+        async def before_sleep(retry: tenacity.RetryCallState) -> None:
+            wait = retry.upcoming_sleep
+            self._after_failure(state, await phases.finish_failure(state, RETRYING, wait), wait)
+
+        try:
+            async for attempt in state.policy.async_retrying(done_attempts=state.number - 1,
+                                                             before_sleep=before_sleep):
+                with attempt:
+                    return await self._attempt(state)
+        except _StopRun as stop:
+            return stop.execution or await self.get(state.execution_id)
+        except LeaseLost as exc:
+            self._lost(state, exc)
+            return await self.get(state.execution_id)
+        except BaseException:
+            if state.error is None:
+                raise
+            execution = await phases.finish_failure(state, state.final_status(), None)
+            self._log_end(state, execution)
+            if not isinstance(state.failure, Exception):
+                raise
+            return execution or await self.get(state.execution_id)
+        raise AssertionError("unreachable: tenacity ends with a result or an exception")
+
+    async def _attempt(self, state: AttemptState) -> Execution:
+        phases = self._phases
+        if state.needs_claim:
+            row = await phases.claim(state)
+            if row is None:
+                raise _StopRun(None)
+            state.adopt_claim(row)
+        job = make_job(state, self._scope, threading.Event())
+        try:
+            if state.resume_from == "load":
+                loaded = await phases.load(state, job)
+                await phases.checkpoint(state, await phases.execute(state, job, loaded))
+            return await phases.record(state, job)
+        except BaseException as exc:
+            state.capture(exc)
+            raise

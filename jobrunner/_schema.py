@@ -1,0 +1,156 @@
+"""The two tables jobrunner owns, and the statuses an execution moves through."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Uuid,
+    false,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class ExecutionStatus(enum.StrEnum):
+    """Where an execution is in its life.
+
+    ``pending → running → succeeded | failed | retrying → running ... | timed_out |
+    cancelled | abandoned``. ``abandoned`` means the worker died; the reaper retries or
+    fails it per the job's retry policy.
+    """
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    ABANDONED = "abandoned"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True when only an explicit ``retry()`` can change this status."""
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        ExecutionStatus.SUCCEEDED,
+        ExecutionStatus.FAILED,
+        ExecutionStatus.TIMED_OUT,
+        ExecutionStatus.CANCELLED,
+    }
+)
+CLAIMABLE_STATUSES = (ExecutionStatus.PENDING.value, ExecutionStatus.RETRYING.value)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("jobrunner stores aware datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+def _json() -> Any:
+    return JSON().with_variant(JSONB(), "postgresql")
+
+
+metadata = MetaData()
+
+executions = Table(
+    "jobrunner_executions",
+    metadata,
+    Column("id", Uuid(), primary_key=True),
+    Column("job", String(200), nullable=False),
+    Column("handler", String(500), nullable=False),
+    Column("args", _json(), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("phase", String(16)),
+    Column("attempt", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("triggered_by", String(100), nullable=False),
+    Column("external_id", String(255)),
+    Column("worker", String(255)),
+    Column("lease_token", BigInteger, nullable=False),
+    Column("idempotency_key", String(255)),
+    Column("concurrency_key", String(255)),
+    Column("cancel_requested", Boolean, nullable=False, server_default=false()),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime()),
+    Column("finished_at", UTCDateTime()),
+    Column("heartbeat_at", UTCDateTime()),
+    Column("next_retry_at", UTCDateTime()),
+    Column("load_ms", Float),
+    Column("execute_ms", Float),
+    Column("record_ms", Float),
+    Column("max_loop_lag_ms", Float),
+    Column("checkpointed", Boolean, nullable=False, server_default=false()),
+    Column("result", _json()),
+    Column("error_type", String(255)),
+    Column("error_message", Text),
+    Column("error_traceback", Text),
+    Index("ix_jobrunner_executions_status_next_retry", "status", "next_retry_at"),
+    Index("ix_jobrunner_executions_job_status", "job", "status"),
+    Index("ix_jobrunner_executions_created_at", "created_at"),
+    Index("ux_jobrunner_executions_idempotency_key", "idempotency_key", unique=True),
+)
+
+attempts = Table(
+    "jobrunner_attempts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column(
+        "execution_id",
+        Uuid(),
+        ForeignKey("jobrunner_executions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("number", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("phase", String(16)),
+    Column("resumed_from", String(16), nullable=False),
+    Column("worker", String(255)),
+    Column("triggered_by", String(100)),
+    Column("started_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=False),
+    Column("load_ms", Float),
+    Column("execute_ms", Float),
+    Column("record_ms", Float),
+    Column("max_loop_lag_ms", Float),
+    Column("wait_s", Float),
+    Column("error_type", String(255)),
+    Column("error_message", Text),
+    Column("error_traceback", Text),
+    Index("ix_jobrunner_attempts_execution", "execution_id", "number"),
+)

@@ -1,0 +1,101 @@
+"""Sessions handed to phases, and the ``self.session()`` scope for execute."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._exceptions import JobRunnerError, PhaseSessionClosed
+
+
+class PhaseSession(Session):
+    """The session of one phase. Once the phase commits it refuses to be used again.
+
+    The guard sits in :meth:`get_bind`, which every statement and flush goes through, so
+    using the load session inside execute fails with a message naming job and phase
+    instead of silently opening a second transaction on a pooled connection.
+    """
+
+    _jobrunner_closed: tuple[str, str, str] | None = None
+
+    def get_bind(self, *args: Any, **kwargs: Any) -> Any:
+        if self._jobrunner_closed is not None:
+            job, phase, execution_id = self._jobrunner_closed
+            raise PhaseSessionClosed(
+                f"the {phase} session of job {job!r} (execution {execution_id}) was "
+                f"committed and closed when {phase} ended; it cannot be used afterwards. "
+                "Return plain data from load (ORM objects come back detached), and open a "
+                "fresh session inside execute with `with self.session() as session:` "
+                "(or `async with` in async code)."
+            )
+        return super().get_bind(*args, **kwargs)
+
+    def seal(self, job: str, phase: str, execution_id: str) -> None:
+        """Close the session and make any later use raise :class:`PhaseSessionClosed`."""
+        self.close()
+        self._jobrunner_closed = (job, phase, execution_id)
+
+
+class SessionScope:
+    """``with self.session()`` / ``async with self.session()``: one short transaction.
+
+    Commits on a clean exit, rolls back on error, always closes. Sync code gets a
+    :class:`~sqlalchemy.orm.Session`, async code an :class:`AsyncSession`.
+    """
+
+    def __init__(
+        self,
+        sync_factory: Callable[[], sessionmaker[Session]] | None,
+        async_factory: async_sessionmaker[AsyncSession] | None,
+        runner_name: str,
+    ) -> None:
+        self._sync_factory = sync_factory
+        self._async_factory = async_factory
+        self._runner_name = runner_name
+        self._sync_cm: Any = None
+        self._async_cm: Any = None
+
+    def __enter__(self) -> Session:
+        if _loop_running():
+            raise JobRunnerError(
+                "`with self.session()` was used on a running event loop; a sync session "
+                "would block it. Use `async with self.session() as session:` in async code."
+            )
+        if self._sync_factory is None:
+            raise JobRunnerError(f"{self._runner_name} has no sync database engine")
+        self._sync_cm = self._sync_factory().begin()
+        session: Session = self._sync_cm.__enter__()
+        return session
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._sync_cm.__exit__(et, ev, tb)
+
+    async def __aenter__(self) -> AsyncSession:
+        if self._async_factory is None:
+            raise JobRunnerError(
+                f"{self._runner_name} is synchronous: `async with self.session()` needs "
+                "AsyncJobRunner. In a sync phase use `with self.session() as session:`."
+            )
+        self._async_cm = self._async_factory.begin()
+        session: AsyncSession = await self._async_cm.__aenter__()
+        return session
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._async_cm.__aexit__(et, ev, tb)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
