@@ -41,8 +41,12 @@ class ErrorInfo:
 def describe(exc: BaseException) -> tuple[str, str]:
     """Qualified type name and message of ``exc``, for the error columns."""
     cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-    return name, str(exc) or repr(exc)
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__, str(exc) or repr(exc)
+    if module.startswith("jobrunner._"):
+        module = "jobrunner"  # the public name, not the private module
+    return f"{module}.{cls.__qualname__}", str(exc) or repr(exc)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -81,33 +85,67 @@ class AttemptState:
     # -- building ------------------------------------------------------------------------
 
     @classmethod
-    def inline(cls, job_cls: type[PhasedJob], args_json: dict[str, Any], *, worker: str,
-               triggered_by: str, idempotency_key: str | None = None) -> AttemptState:
+    def inline(
+        cls,
+        job_cls: type[PhasedJob],
+        args_json: dict[str, Any],
+        *,
+        worker: str,
+        triggered_by: str,
+        idempotency_key: str | None = None,
+    ) -> AttemptState:
         """A new execution run in this process: its row is inserted running by load."""
         now = utcnow()
         lease = Lease(execution_id=uuid.uuid4(), worker=worker, token=1, how="insert")
-        row = new_row(job_cls, args_json, execution_id=lease.execution_id, now=now,
-                      triggered_by=triggered_by, idempotency_key=idempotency_key)
-        row.update(status=ExecutionStatus.RUNNING.value, attempt=1, lease_token=1,
-                   worker=worker, started_at=now, heartbeat_at=now, phase="load",
-                   next_retry_at=None)
-        return cls(job_cls=job_cls, lease=lease, number=1, max_attempts=job_cls.retry.max_attempts,
-                   args_json=args_json, triggered_by=triggered_by, insert_row=row, started_at=now)
+        row = new_row(
+            job_cls,
+            args_json,
+            execution_id=lease.execution_id,
+            now=now,
+            triggered_by=triggered_by,
+            idempotency_key=idempotency_key,
+        )
+        row.update(
+            status=ExecutionStatus.RUNNING.value,
+            attempt=1,
+            lease_token=1,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            phase="load",
+            next_retry_at=None,
+        )
+        return cls(
+            job_cls=job_cls,
+            lease=lease,
+            number=1,
+            max_attempts=job_cls.retry.max_attempts,
+            args_json=args_json,
+            triggered_by=triggered_by,
+            insert_row=row,
+            started_at=now,
+        )
 
     @classmethod
     def claimed(cls, job_cls: type[PhasedJob], row: dict[str, Any], *, worker: str) -> AttemptState:
         """An execution this runner has just claimed (its lease is committed)."""
         lease = Lease(execution_id=row["id"], worker=worker, token=row["lease_token"])
-        return cls(job_cls=job_cls, lease=lease, number=row["attempt"],
-                   max_attempts=row["max_attempts"], args_json=row["args"],
-                   triggered_by=row["triggered_by"],
-                   resume_from="record" if row["checkpointed"] else "load",
-                   checkpoint=row["result"])
+        return cls(
+            job_cls=job_cls,
+            lease=lease,
+            number=row["attempt"],
+            max_attempts=row["max_attempts"],
+            args_json=row["args"],
+            triggered_by=row["triggered_by"],
+            resume_from="record" if row["checkpointed"] else "load",
+            checkpoint=row["result"],
+        )
 
     def adopt_claim(self, row: dict[str, Any]) -> None:
         """Take over the lease of a fresh claim for the next attempt."""
-        self.lease = Lease(execution_id=row["id"], worker=self.lease.worker,
-                           token=row["lease_token"])
+        self.lease = Lease(
+            execution_id=row["id"], worker=self.lease.worker, token=row["lease_token"]
+        )
         self.number = row["attempt"]
         self.max_attempts = row["max_attempts"]
         self.resume_from = "record" if row["checkpointed"] else "load"
@@ -158,16 +196,26 @@ class AttemptState:
     def checkpoint_values(self, result_json: Any) -> dict[str, Any]:
         """Execute's result and timings, committed before record starts."""
         self.checkpoint = result_json
-        return {"result": result_json, "checkpointed": True, "phase": "record",
-                "heartbeat_at": utcnow(), **self.timings}
+        return {
+            "result": result_json,
+            "checkpointed": True,
+            "phase": "record",
+            "heartbeat_at": utcnow(),
+            **self.timings,
+        }
 
     def success_values(self) -> dict[str, Any]:
         """The execution row's end state after a successful record."""
         self.leave()
         now = utcnow()
-        return {"status": ExecutionStatus.SUCCEEDED.value, "finished_at": now,
-                "heartbeat_at": now, "phase": "record", "max_loop_lag_ms": self.max_lag_ms,
-                **self.timings}
+        return {
+            "status": ExecutionStatus.SUCCEEDED.value,
+            "finished_at": now,
+            "heartbeat_at": now,
+            "phase": "record",
+            "max_loop_lag_ms": self.max_lag_ms,
+            **self.timings,
+        }
 
     def failure_values(self, status: ExecutionStatus, wait: float | None) -> dict[str, Any]:
         """The execution row after a failed attempt (``retrying`` waits ``wait`` s)."""
@@ -227,9 +275,17 @@ class AttemptState:
         return ExecutionStatus.FAILED
 
 
-def new_row(job_cls: type[PhasedJob], args_json: dict[str, Any], *, execution_id: uuid.UUID,
-            now: datetime, triggered_by: str, idempotency_key: str | None,
-            external_id: str | None = None, due_at: datetime | None = None) -> dict[str, Any]:
+def new_row(
+    job_cls: type[PhasedJob],
+    args_json: dict[str, Any],
+    *,
+    execution_id: uuid.UUID,
+    now: datetime,
+    triggered_by: str,
+    idempotency_key: str | None,
+    external_id: str | None = None,
+    due_at: datetime | None = None,
+) -> dict[str, Any]:
     """A fresh pending execution row."""
     return {
         "id": execution_id,

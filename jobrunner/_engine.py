@@ -77,9 +77,7 @@ def _wrap_driver_error(url: URL, exc: Exception) -> ConfigurationError:
     return ConfigurationError(f"the database driver {driver!r} is not installed: {hint}")
 
 
-def make_sync_engine(
-    url: str | URL, *, busy_timeout: float = 30.0, **options: Any
-) -> Engine:
+def make_sync_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: Any) -> Engine:
     """A sync engine for ``url`` (psycopg / sqlite3), SQLite tuned for concurrency."""
     parsed = parse_url(url, is_async=False)
     try:
@@ -91,9 +89,7 @@ def make_sync_engine(
     return engine
 
 
-def make_async_engine(
-    url: str | URL, *, busy_timeout: float = 30.0, **options: Any
-) -> AsyncEngine:
+def make_async_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: Any) -> AsyncEngine:
     """An async engine for ``url`` (asyncpg / aiosqlite), SQLite tuned for concurrency."""
     parsed = parse_url(url, is_async=True)
     try:

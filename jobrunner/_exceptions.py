@@ -94,7 +94,9 @@ class ExecutionFailed(JobRunnerError, RuntimeError):
     def __init__(self, execution: Execution) -> None:
         self.execution = execution
         where = f" in {execution.phase}" if execution.phase else ""
-        detail = f": {execution.error_type}: {execution.error_message}" if execution.error_type else ""
+        detail = (
+            f": {execution.error_type}: {execution.error_message}" if execution.error_type else ""
+        )
         super().__init__(
             f"execution {execution.id} of {execution.job!r} ended {execution.status}{where}{detail}"
         )

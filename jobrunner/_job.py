@@ -58,8 +58,7 @@ def _check_positive(cls: type, attr: str) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise JobDefinitionError(
-            f"{cls.__qualname__}.{attr} must be a positive number of seconds or None, "
-            f"got {value!r}"
+            f"{cls.__qualname__}.{attr} must be a positive number of seconds or None, got {value!r}"
         )
 
 
@@ -98,8 +97,9 @@ class PhasedJob:
 
     _context: JobContext | None = None
 
-    def __init_subclass__(cls, *, abstract: bool = False, register: bool = True,
-                          **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, *, abstract: bool = False, register: bool = True, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if abstract:
             return
@@ -250,4 +250,3 @@ def _is_async(fn: Any) -> bool:
 
 def _overridden(cls: type) -> set[str]:
     return {p for p in PHASES if getattr(cls, p) is not getattr(PhasedJob, p)}
-

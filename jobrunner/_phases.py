@@ -60,9 +60,7 @@ def _timed_out(state: AttemptState, phase: str, seconds: float) -> JobTimedOut:
 @contextlib.contextmanager
 def _phase_context(state: AttemptState, phase: Phase) -> Iterator[None]:
     state.enter(phase)
-    token = current_phase.set(
-        PhaseInfo(str(state.execution_id), state.job_cls.name, phase, state)
-    )
+    token = current_phase.set(PhaseInfo(str(state.execution_id), state.job_cls.name, phase, state))
     try:
         yield
     finally:
@@ -70,12 +68,17 @@ def _phase_context(state: AttemptState, phase: Phase) -> Iterator[None]:
         current_phase.reset(token)
 
 
-def make_job(state: AttemptState, scope: Callable[[], SessionScope],
-             cancel_event: threading.Event) -> PhasedJob:
+def make_job(
+    state: AttemptState, scope: Callable[[], SessionScope], cancel_event: threading.Event
+) -> PhasedJob:
     """A fresh job instance for one attempt, wired to its context."""
     job = state.job_cls()
-    job._context = JobContext(execution_id=str(state.execution_id), attempt=state.number,
-                              session_scope=scope, cancel_event=cancel_event)
+    job._context = JobContext(
+        execution_id=str(state.execution_id),
+        attempt=state.number,
+        session_scope=scope,
+        cancel_event=cancel_event,
+    )
     return job
 
 
@@ -95,7 +98,9 @@ class SyncPhases:
             yield conn
 
     @contextlib.contextmanager
-    def _open(self, state: AttemptState, phase: Phase) -> Iterator[tuple[Session | None, Connection]]:
+    def _open(
+        self, state: AttemptState, phase: Phase
+    ) -> Iterator[tuple[Session | None, Connection]]:
         """The phase's transaction: a sealed-after-use session if the job has this phase."""
         with _phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
@@ -112,8 +117,13 @@ class SyncPhases:
     def claim(self, state: AttemptState) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
         with self.tx() as conn:
-            return q.claim(conn, state.execution_id, worker=state.lease.worker,
-                           now=utcnow(), phase=state.resume_from)
+            return q.claim(
+                conn,
+                state.execution_id,
+                worker=state.lease.worker,
+                now=utcnow(),
+                phase=state.resume_from,
+            )
 
     def load(self, state: AttemptState, job: PhasedJob) -> Any:
         """LOAD: create or keep the running row and call ``job.load`` in one transaction."""
@@ -154,27 +164,34 @@ class SyncPhases:
             if session is not None:
                 job.record(session, result)
                 session.flush()
-            execution = q.finish(conn, state.lease, state.success_values(),
-                                 state.ledger_row(SUCCEEDED))
+            execution = q.finish(
+                conn, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
+            )
             if execution is None:
                 raise lease_lost(state, "record")
         return execution
 
-    def finish_failure(self, state: AttemptState, status: ExecutionStatus,
-                       wait: float | None) -> Execution | None:
+    def finish_failure(
+        self, state: AttemptState, status: ExecutionStatus, wait: float | None
+    ) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
         values = state.failure_values(status, wait)
         with self.tx() as conn:
-            return q.finish(conn, state.lease, values,
-                            state.ledger_row(state.final_status(), wait),
-                            insert_if_missing=state.insert_for_failure(values))
+            return q.finish(
+                conn,
+                state.lease,
+                values,
+                state.ledger_row(state.final_status(), wait),
+                insert_if_missing=state.insert_for_failure(values),
+            )
 
 
 class AsyncPhases:
     """Phases over an async engine (asyncpg / aiosqlite); sync phases go to threads."""
 
-    def __init__(self, engine: AsyncEngine, url: str,
-                 sync_phases: Callable[[], SyncPhases]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, url: str, sync_phases: Callable[[], SyncPhases]
+    ) -> None:
         self.engine = engine
         self.url = url
         self.phase_sessions = async_sessionmaker(
@@ -191,8 +208,9 @@ class AsyncPhases:
                 yield conn
 
     @contextlib.asynccontextmanager
-    async def _open(self, state: AttemptState, phase: Phase
-                    ) -> AsyncIterator[tuple[AsyncSession | None, _AsyncIO]]:
+    async def _open(
+        self, state: AttemptState, phase: Phase
+    ) -> AsyncIterator[tuple[AsyncSession | None, _AsyncIO]]:
         with _phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
                 async with self.engine.begin() as conn:
@@ -212,8 +230,13 @@ class AsyncPhases:
         """Claim the execution for the next attempt (its own transaction)."""
         async with self.tx() as conn:
             return await conn.run_sync(
-                lambda c: q.claim(c, state.execution_id, worker=state.lease.worker,
-                                  now=utcnow(), phase=state.resume_from)
+                lambda c: q.claim(
+                    c,
+                    state.execution_id,
+                    worker=state.lease.worker,
+                    now=utcnow(),
+                    phase=state.resume_from,
+                )
             )
 
     async def load(self, state: AttemptState, job: PhasedJob) -> Any:
@@ -228,7 +251,7 @@ class AsyncPhases:
             if state.insert_row is not None and state.lease.how == "insert":
                 await io.run(q.insert_execution, state.insert_row)
             args = _args_value(state)
-            loaded = await job.load(session, args) if session is not None else args
+            loaded = await _async(job).load(session, args) if session is not None else args
             if session is not None:
                 await session.flush()
         state.lease.how = "held"
@@ -240,7 +263,7 @@ class AsyncPhases:
         with _phase_context(state, "execute"):
             late = None
             if state.job_cls.spec.is_async("execute"):
-                call = job.execute(loaded)
+                call = _async(job).execute(loaded)
             else:
                 late = _LateResult(job.execute, state)
                 call = asyncio.to_thread(late, loaded)
@@ -271,17 +294,19 @@ class AsyncPhases:
         async with self._open(state, "record") as (session, io):
             result = state.job_cls.restore_result(state.checkpoint)
             if session is not None:
-                await job.record(session, result)
+                await _async(job).record(session, result)
                 await session.flush()
-            execution = await io.run(q.finish, state.lease, state.success_values(),
-                                     state.ledger_row(SUCCEEDED))
+            execution = await io.run(
+                q.finish, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
+            )
             if execution is None:
                 raise lease_lost(state, "record")
         assert isinstance(execution, Execution)
         return execution
 
-    async def finish_failure(self, state: AttemptState, status: ExecutionStatus,
-                             wait: float | None) -> Execution | None:
+    async def finish_failure(
+        self, state: AttemptState, status: ExecutionStatus, wait: float | None
+    ) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
         values = state.failure_values(status, wait)
         ledger = state.ledger_row(state.final_status(), wait)
@@ -295,8 +320,9 @@ class AsyncPhases:
 class _AsyncIO:
     """Runs a :mod:`_queries` function on a phase's connection, session or not."""
 
-    def __init__(self, *, conn: AsyncConnection | None = None,
-                 session: AsyncSession | None = None) -> None:
+    def __init__(
+        self, *, conn: AsyncConnection | None = None, session: AsyncSession | None = None
+    ) -> None:
         self._conn = conn
         self._session = session
 
@@ -305,6 +331,11 @@ class _AsyncIO:
             return await self._session.run_sync(lambda s: fn(s.connection(), *args))
         assert self._conn is not None
         return await self._conn.run_sync(fn, *args)
+
+
+def _async(job: PhasedJob) -> Any:
+    """The job, typed for awaiting its ``async def`` phases (the base class declares def)."""
+    return job
 
 
 def _args_value(state: AttemptState) -> Any:
@@ -334,14 +365,17 @@ class _LateResult:
             name, eid = self.state.job_cls.name, str(self.state.execution_id)
             logger.warning(
                 "sync execute of %s (execution %s) finished after its timeout; a thread "
-                "cannot be killed, so it ran on, and its result was discarded", name, eid,
+                "cannot be killed, so it ran on, and its result was discarded",
+                name,
+                eid,
                 extra={"execution_id": eid, "job": name, "phase": "execute"},
             )
         return result
 
 
-def _call_with_deadline(fn: Callable[[Any], Any], loaded: Any, timeout: float,
-                        state: AttemptState) -> Any:
+def _call_with_deadline(
+    fn: Callable[[Any], Any], loaded: Any, timeout: float, state: AttemptState
+) -> Any:
     """Run sync ``fn`` in a thread and stop waiting at the deadline (threads can't be killed)."""
     late = _LateResult(fn, state)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobrunner-execute")

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, delete, false, func, insert, or_, select, true
+from sqlalchemy import Connection, and_, bindparam, delete, false, func, insert, select, true
 from sqlalchemy import update as sa_update
 
 from ._records import Attempt, Execution
@@ -104,17 +104,23 @@ _CLAIM_ONE = (
 )
 
 
-def claim(conn: Connection, execution_id: uuid.UUID, *, worker: str, now: datetime,
-          phase: str) -> dict[str, Any] | None:
+def claim(
+    conn: Connection, execution_id: uuid.UUID, *, worker: str, now: datetime, phase: str
+) -> dict[str, Any] | None:
     """Move a pending/retrying execution to running for ``worker``; None if not claimable."""
-    row = conn.execute(
-        _CLAIM_ONE, {"eid": execution_id, "worker": worker, "now": now, "phase": phase}
-    ).mappings().first()
+    row = (
+        conn.execute(
+            _CLAIM_ONE, {"eid": execution_id, "worker": worker, "now": now, "phase": phase}
+        )
+        .mappings()
+        .first()
+    )
     return dict(row) if row else None
 
 
-def claim_due(conn: Connection, *, worker: str, now: datetime, limit: int,
-              jobs: Sequence[str]) -> list[dict[str, Any]]:
+def claim_due(
+    conn: Connection, *, worker: str, now: datetime, limit: int, jobs: Sequence[str]
+) -> list[dict[str, Any]]:
     """Claim up to ``limit`` executions whose ``next_retry_at`` has come.
 
     On PostgreSQL the candidates are locked with ``FOR UPDATE SKIP LOCKED``, so workers
@@ -167,9 +173,14 @@ def heartbeat(conn: Connection, lease: Lease, now: datetime) -> bool | None:
     return checkpoint(conn, lease, {"heartbeat_at": now})
 
 
-def finish(conn: Connection, lease: Lease, values: Mapping[str, Any],
-           attempt_row: Mapping[str, Any], *, insert_if_missing: Mapping[str, Any] | None = None
-           ) -> Execution | None:
+def finish(
+    conn: Connection,
+    lease: Lease,
+    values: Mapping[str, Any],
+    attempt_row: Mapping[str, Any],
+    *,
+    insert_if_missing: Mapping[str, Any] | None = None,
+) -> Execution | None:
     """End an attempt: update the execution and append its ledger row, atomically.
 
     Returns the updated execution, or None when the lease was lost (nothing written).
@@ -181,9 +192,11 @@ def finish(conn: Connection, lease: Lease, values: Mapping[str, Any],
         exists = conn.execute(select(E.id).where(E.id == lease.execution_id)).first()
         if exists is None:
             conn.execute(_INSERT, dict(insert_if_missing))
-            row = conn.execute(
-                select(executions).where(E.id == lease.execution_id)
-            ).mappings().first()
+            row = (
+                conn.execute(select(executions).where(E.id == lease.execution_id))
+                .mappings()
+                .first()
+            )
     if row is None:
         return None
     conn.execute(insert(attempts), dict(attempt_row))
@@ -199,9 +212,14 @@ def get(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
     return Execution.from_row(row) if row else None
 
 
-def list_executions(conn: Connection, *, status: Iterable[str] | None = None,
-                    job: str | None = None, since: datetime | None = None,
-                    limit: int = 100) -> list[Execution]:
+def list_executions(
+    conn: Connection,
+    *,
+    status: Iterable[str] | None = None,
+    job: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> list[Execution]:
     """Executions newest first, filtered by status, job name and creation time."""
     stmt = select(executions).order_by(E.created_at.desc(), E.id).limit(limit)
     if status is not None:
@@ -231,8 +249,12 @@ def cancel(conn: Connection, execution_id: uuid.UUID, now: datetime) -> Executio
     stmt = (
         sa_update(executions)
         .where(E.id == execution_id, E.status.in_(CLAIMABLE_STATUSES))
-        .values(status=ExecutionStatus.CANCELLED.value, finished_at=now, next_retry_at=None,
-                cancel_requested=true())
+        .values(
+            status=ExecutionStatus.CANCELLED.value,
+            finished_at=now,
+            next_retry_at=None,
+            cancel_requested=true(),
+        )
         .returning(executions)
     )
     row = conn.execute(stmt).mappings().first()
@@ -247,15 +269,27 @@ def cancel(conn: Connection, execution_id: uuid.UUID, now: datetime) -> Executio
     return Execution.from_row(row) if row else None
 
 
-def requeue(conn: Connection, execution_id: uuid.UUID, *, from_statuses: Sequence[str],
-            max_attempts: int, triggered_by: str, now: datetime) -> Execution | None:
+def requeue(
+    conn: Connection,
+    execution_id: uuid.UUID,
+    *,
+    from_statuses: Sequence[str],
+    max_attempts: int,
+    triggered_by: str,
+    now: datetime,
+) -> Execution | None:
     """Put a finished execution back to pending for an explicit retry."""
     stmt = (
         sa_update(executions)
         .where(E.id == execution_id, E.status.in_(list(from_statuses)))
-        .values(status=ExecutionStatus.PENDING.value, max_attempts=max_attempts,
-                triggered_by=triggered_by, cancel_requested=false(), next_retry_at=now,
-                finished_at=None)
+        .values(
+            status=ExecutionStatus.PENDING.value,
+            max_attempts=max_attempts,
+            triggered_by=triggered_by,
+            cancel_requested=false(),
+            next_retry_at=now,
+            finished_at=None,
+        )
         .returning(executions)
     )
     row = conn.execute(stmt).mappings().first()

@@ -47,7 +47,7 @@ class Execution:
     error_traceback: str | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
+    def from_row(cls, row: Mapping[Any, Any]) -> Self:
         """Build from a ``jobrunner_executions`` row mapping."""
         values = dict(row)
         values["status"] = ExecutionStatus(values["status"])
@@ -96,7 +96,7 @@ class Attempt:
     error_traceback: str | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
+    def from_row(cls, row: Mapping[Any, Any]) -> Self:
         """Build from a ``jobrunner_attempts`` row mapping."""
         values = dict(row)
         values["status"] = ExecutionStatus(values["status"])

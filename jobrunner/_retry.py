@@ -127,9 +127,7 @@ class RetryPolicy:
         """One line for people: ``'5 attempts, 1s..300s backoff'`` or ``'no retry'``."""
         if self.max_attempts == 1:
             return "no retry"
-        return (
-            f"{self.max_attempts} attempts, {self.wait_initial:g}s..{self.wait_max:g}s backoff"
-        )
+        return f"{self.max_attempts} attempts, {self.wait_initial:g}s..{self.wait_max:g}s backoff"
 
     def _controller_kwargs(self, done_attempts: int) -> dict[str, Any]:
         wait = tenacity.wait_exponential_jitter(
@@ -152,7 +150,9 @@ class RetryPolicy:
         before_sleep: Callable[[tenacity.RetryCallState], None],
     ) -> tenacity.Retrying:
         """A fresh sync tenacity controller for one run of an execution."""
-        return tenacity.Retrying(before_sleep=before_sleep, **self._controller_kwargs(done_attempts))
+        return tenacity.Retrying(
+            before_sleep=before_sleep, **self._controller_kwargs(done_attempts)
+        )
 
     def async_retrying(
         self,

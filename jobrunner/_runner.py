@@ -25,7 +25,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _queries as q
 from ._attempt import AttemptState, new_row, utcnow
-from ._engine import database_url, display_url, is_memory_sqlite, make_async_engine, make_sync_engine
+from ._engine import (
+    database_url,
+    display_url,
+    is_memory_sqlite,
+    make_async_engine,
+    make_sync_engine,
+)
 from ._exceptions import (
     ConfigurationError,
     ExecutionNotFound,
@@ -88,31 +94,52 @@ class _RunnerBase:
 
     _runner_name = "runner"
 
-    def __init__(self, *, registry: Registry | None, worker_id: str | None,
-                 inline_retry_max_wait: float) -> None:
+    def __init__(
+        self, *, registry: Registry | None, worker_id: str | None, inline_retry_max_wait: float
+    ) -> None:
         self.registry = registry if registry is not None else default_registry
         self.worker_id = worker_id or _worker_id()
         if inline_retry_max_wait < 0:
             raise ConfigurationError("inline_retry_max_wait must be >= 0 seconds")
         self.inline_retry_max_wait = inline_retry_max_wait
 
-    def _submission(self, job: JobRef, args: Any, *, idempotency_key: str | None,
-                    triggered_by: str, external_id: str | None, due: bool
-                    ) -> tuple[type[PhasedJob], dict[str, Any]]:
+    def _submission(
+        self,
+        job: JobRef,
+        args: Any,
+        *,
+        idempotency_key: str | None,
+        triggered_by: str,
+        external_id: str | None,
+        due: bool,
+    ) -> tuple[type[PhasedJob], dict[str, Any]]:
         job_cls = self.registry.resolve(job)
         _, args_json = job_cls.validate_args(args)
-        row = new_row(job_cls, args_json, execution_id=uuid.uuid4(), now=utcnow(),
-                      triggered_by=triggered_by, idempotency_key=idempotency_key,
-                      external_id=external_id, due_at=utcnow() if due else None)
+        row = new_row(
+            job_cls,
+            args_json,
+            execution_id=uuid.uuid4(),
+            now=utcnow(),
+            triggered_by=triggered_by,
+            idempotency_key=idempotency_key,
+            external_id=external_id,
+            due_at=utcnow() if due else None,
+        )
         return job_cls, row
 
-    def _inline(self, job: JobRef, args: Any, *, triggered_by: str,
-                idempotency_key: str | None) -> AttemptState:
+    def _inline(
+        self, job: JobRef, args: Any, *, triggered_by: str, idempotency_key: str | None
+    ) -> AttemptState:
         job_cls = self.registry.resolve(job)
         self._check_runnable(job_cls)
         args_value, args_json = job_cls.validate_args(args)
-        state = AttemptState.inline(job_cls, args_json, worker=self.worker_id,
-                                    triggered_by=triggered_by, idempotency_key=idempotency_key)
+        state = AttemptState.inline(
+            job_cls,
+            args_json,
+            worker=self.worker_id,
+            triggered_by=triggered_by,
+            idempotency_key=idempotency_key,
+        )
         state.args_value = args_value
         return state
 
@@ -128,34 +155,50 @@ class _RunnerBase:
     def _claimable(self, execution: Execution) -> type[PhasedJob] | None:
         """The job class to run ``execution`` with, or None if it is not waiting to run."""
         if execution.status.value not in ("pending", "retrying") or execution.cancel_requested:
-            logger.info("execution %s is %s; not running it", execution.id, execution.status,
-                        extra={"execution_id": str(execution.id), "job": execution.job})
+            logger.info(
+                "execution %s is %s; not running it",
+                execution.id,
+                execution.status,
+                extra={"execution_id": str(execution.id), "job": execution.job},
+            )
             return None
         job_cls = self.registry.resolve_row(execution.job, execution.handler)
         self._check_runnable(job_cls)
         return job_cls
 
-    def _after_failure(self, state: AttemptState, execution: Execution | None,
-                       wait: float) -> None:
+    def _after_failure(self, state: AttemptState, execution: Execution | None, wait: float) -> None:
         """tenacity's before_sleep: go on inline, or stop and leave it ``retrying``."""
         if execution is None or wait > self.inline_retry_max_wait:
             raise _StopRun(execution)
-        logger.info("execution %s of %s: attempt %d failed (%s), retrying in %.2fs",
-                    state.execution_id, state.job_cls.name, state.number,
-                    state.error.type if state.error else "?", wait,
-                    extra=_extra(state))
+        logger.info(
+            "execution %s of %s: attempt %d failed (%s), retrying in %.2fs",
+            state.execution_id,
+            state.job_cls.name,
+            state.number,
+            state.error.type if state.error else "?",
+            wait,
+            extra=_extra(state),
+        )
         state.prepare_retry()
 
     def _log_end(self, state: AttemptState, execution: Execution | None) -> None:
         if execution is None:
             return
         if execution.status is ExecutionStatus.SUCCEEDED:
-            logger.debug("execution %s of %s succeeded", execution.id, execution.job,
-                         extra=_extra(state))
+            logger.debug(
+                "execution %s of %s succeeded", execution.id, execution.job, extra=_extra(state)
+            )
         else:
-            logger.warning("execution %s of %s ended %s in %s: %s: %s", execution.id,
-                           execution.job, execution.status, execution.phase,
-                           execution.error_type, execution.error_message, extra=_extra(state))
+            logger.warning(
+                "execution %s of %s ended %s in %s: %s: %s",
+                execution.id,
+                execution.job,
+                execution.status,
+                execution.phase,
+                execution.error_type,
+                execution.error_message,
+                extra=_extra(state),
+            )
 
     def _lost(self, state: AttemptState, exc: LeaseLost) -> None:
         logger.warning("%s", exc, extra=_extra(state))
@@ -164,8 +207,9 @@ class _RunnerBase:
         job_cls = self.registry.resolve_row(execution.job, execution.handler)
         return execution.attempt + job_cls.retry.max_attempts
 
-    def _cancel_result(self, execution_id: uuid.UUID, execution: Execution | None,
-                       current: Execution | None) -> Execution:
+    def _cancel_result(
+        self, execution_id: uuid.UUID, execution: Execution | None, current: Execution | None
+    ) -> Execution:
         if execution is not None:
             return execution
         if current is None:
@@ -175,8 +219,9 @@ class _RunnerBase:
             "running executions can be cancelled"
         )
 
-    def _retry_result(self, execution_id: uuid.UUID, execution: Execution | None,
-                      current: Execution) -> Execution:
+    def _retry_result(
+        self, execution_id: uuid.UUID, execution: Execution | None, current: Execution
+    ) -> Execution:
         if execution is None:
             raise InvalidTransition(
                 f"execution {execution_id} is {current.status}; only "
@@ -186,8 +231,11 @@ class _RunnerBase:
 
 
 def _extra(state: AttemptState) -> dict[str, Any]:
-    return {"execution_id": str(state.execution_id), "job": state.job_cls.name,
-            "phase": state.phase}
+    return {
+        "execution_id": str(state.execution_id),
+        "job": state.job_cls.name,
+        "phase": state.phase,
+    }
 
 
 def _missing(execution_id: uuid.UUID) -> NoReturn:
@@ -204,13 +252,22 @@ class JobRunner(_RunnerBase):
 
     _runner_name = "JobRunner"
 
-    def __init__(self, url: str | URL | None = None, *, engine: Engine | None = None,
-                 registry: Registry | None = None, worker_id: str | None = None,
-                 inline_retry_max_wait: float = 5.0, **engine_options: Any) -> None:
-        super().__init__(registry=registry, worker_id=worker_id,
-                         inline_retry_max_wait=inline_retry_max_wait)
-        self.engine = engine if engine is not None else make_sync_engine(
-            database_url(url), **engine_options)
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: Engine | None = None,
+        registry: Registry | None = None,
+        worker_id: str | None = None,
+        inline_retry_max_wait: float = 5.0,
+        **engine_options: Any,
+    ) -> None:
+        super().__init__(
+            registry=registry, worker_id=worker_id, inline_retry_max_wait=inline_retry_max_wait
+        )
+        self.engine = (
+            engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
+        )
         self.url = display_url(self.engine.url)
         self._phases = SyncPhases(self.engine, self.url)
 
@@ -233,16 +290,29 @@ class JobRunner(_RunnerBase):
 
     # -- submitting and running ----------------------------------------------------------
 
-    def submit(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
-               triggered_by: str = "api", external_id: str | None = None,
-               due: bool = True) -> uuid.UUID:
+    def submit(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        triggered_by: str = "api",
+        external_id: str | None = None,
+        due: bool = True,
+    ) -> uuid.UUID:
         """Validate ``args`` and store a pending execution; returns its id.
 
         With ``idempotency_key``, a second submit returns the first execution's id.
         ``due=False`` leaves it to a queue (Celery) instead of :meth:`run_due`.
         """
-        _, row = self._submission(job, args, idempotency_key=idempotency_key,
-                                  triggered_by=triggered_by, external_id=external_id, due=due)
+        _, row = self._submission(
+            job,
+            args,
+            idempotency_key=idempotency_key,
+            triggered_by=triggered_by,
+            external_id=external_id,
+            due=due,
+        )
         with self._phases.tx() as conn:
             if idempotency_key is not None:
                 existing = q.find_by_idempotency_key(conn, idempotency_key)
@@ -251,8 +321,14 @@ class JobRunner(_RunnerBase):
             q.insert_execution(conn, row)
         return uuid.UUID(str(row["id"]))
 
-    def run(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
-            triggered_by: str = "inline") -> Execution:
+    def run(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        triggered_by: str = "inline",
+    ) -> Execution:
         """Submit and run inline, retrying per the job's policy; returns the execution.
 
         A failed job does not raise: the returned execution says ``failed`` and why
@@ -262,8 +338,9 @@ class JobRunner(_RunnerBase):
             existing = self._existing(idempotency_key)
             if existing is not None:
                 return existing
-        return self._drive(self._inline(job, args, triggered_by=triggered_by,
-                                        idempotency_key=idempotency_key))
+        return self._drive(
+            self._inline(job, args, triggered_by=triggered_by, idempotency_key=idempotency_key)
+        )
 
     def run_execution(self, execution_id: IdLike) -> Execution:
         """Claim and run a pending or retrying execution (e.g. one submitted elsewhere).
@@ -279,11 +356,17 @@ class JobRunner(_RunnerBase):
     def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
         """Claim and run executions whose time has come (retries, plain submits)."""
         with self._phases.tx() as conn:
-            rows = q.claim_due(conn, worker=self.worker_id, now=utcnow(), limit=limit,
-                               jobs=self._runnable_jobs())
-        return [self._drive(AttemptState.claimed(
-            self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id))
-            for r in rows]
+            rows = q.claim_due(
+                conn, worker=self.worker_id, now=utcnow(), limit=limit, jobs=self._runnable_jobs()
+            )
+        return [
+            self._drive(
+                AttemptState.claimed(
+                    self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
+                )
+            )
+            for r in rows
+        ]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -294,13 +377,19 @@ class JobRunner(_RunnerBase):
             execution = q.get(conn, eid)
         return execution if execution is not None else _missing(eid)
 
-    def list(self, *, status: StatusFilter = None, job: str | None = None,
-             since: datetime | timedelta | None = None, limit: int = 100
-             ) -> builtins.list[Execution]:
+    def list(
+        self,
+        *,
+        status: StatusFilter = None,
+        job: str | None = None,
+        since: datetime | timedelta | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Execution]:
         """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
         with self._phases.tx() as conn:
-            return q.list_executions(conn, status=_statuses(status), job=job,
-                                     since=_since(since), limit=limit)
+            return q.list_executions(
+                conn, status=_statuses(status), job=job, since=_since(since), limit=limit
+            )
 
     def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
         """The attempt ledger of one execution, oldest first."""
@@ -324,9 +413,14 @@ class JobRunner(_RunnerBase):
         """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
         current = self.get(execution_id)
         with self._phases.tx() as conn:
-            execution = q.requeue(conn, current.id, from_statuses=RETRYABLE_BY_HAND,
-                                  max_attempts=self._retry_budget(current),
-                                  triggered_by=triggered_by, now=utcnow())
+            execution = q.requeue(
+                conn,
+                current.id,
+                from_statuses=RETRYABLE_BY_HAND,
+                max_attempts=self._retry_budget(current),
+                triggered_by=triggered_by,
+                now=utcnow(),
+            )
         return self._retry_result(current.id, execution, current)
 
     # -- the state machine's sync edge ---------------------------------------------------------
@@ -365,8 +459,9 @@ class JobRunner(_RunnerBase):
             self._after_failure(state, phases.finish_failure(state, RETRYING, wait), wait)
 
         try:
-            for attempt in state.policy.retrying(done_attempts=state.number - 1,
-                                                 before_sleep=before_sleep):
+            for attempt in state.policy.retrying(
+                done_attempts=state.number - 1, before_sleep=before_sleep
+            ):
                 with attempt:
                     return self._attempt(state)
         except _StopRun as stop:
@@ -412,13 +507,22 @@ class AsyncJobRunner(_RunnerBase):
 
     _runner_name = "AsyncJobRunner"
 
-    def __init__(self, url: str | URL | None = None, *, engine: AsyncEngine | None = None,
-                 registry: Registry | None = None, worker_id: str | None = None,
-                 inline_retry_max_wait: float = 5.0, **engine_options: Any) -> None:
-        super().__init__(registry=registry, worker_id=worker_id,
-                         inline_retry_max_wait=inline_retry_max_wait)
-        self.engine = engine if engine is not None else make_async_engine(
-            database_url(url), **engine_options)
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: AsyncEngine | None = None,
+        registry: Registry | None = None,
+        worker_id: str | None = None,
+        inline_retry_max_wait: float = 5.0,
+        **engine_options: Any,
+    ) -> None:
+        super().__init__(
+            registry=registry, worker_id=worker_id, inline_retry_max_wait=inline_retry_max_wait
+        )
+        self.engine = (
+            engine if engine is not None else make_async_engine(database_url(url), **engine_options)
+        )
         self.url = display_url(self.engine.url)
         self._engine_options = engine_options
         self._sync: SyncPhases | None = None
@@ -446,12 +550,25 @@ class AsyncJobRunner(_RunnerBase):
 
     # -- submitting and running ----------------------------------------------------------
 
-    async def submit(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
-                     triggered_by: str = "api", external_id: str | None = None,
-                     due: bool = True) -> uuid.UUID:
+    async def submit(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        triggered_by: str = "api",
+        external_id: str | None = None,
+        due: bool = True,
+    ) -> uuid.UUID:
         """Validate ``args`` and store a pending execution; returns its id."""
-        _, row = self._submission(job, args, idempotency_key=idempotency_key,
-                                  triggered_by=triggered_by, external_id=external_id, due=due)
+        _, row = self._submission(
+            job,
+            args,
+            idempotency_key=idempotency_key,
+            triggered_by=triggered_by,
+            external_id=external_id,
+            due=due,
+        )
         async with self._phases.tx() as conn:
             if idempotency_key is not None:
                 existing = await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
@@ -460,15 +577,22 @@ class AsyncJobRunner(_RunnerBase):
             await conn.run_sync(q.insert_execution, row)
         return uuid.UUID(str(row["id"]))
 
-    async def run(self, job: JobRef, args: Any = None, *, idempotency_key: str | None = None,
-                  triggered_by: str = "inline") -> Execution:
+    async def run(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        triggered_by: str = "inline",
+    ) -> Execution:
         """Submit and run inline, retrying per the job's policy; returns the execution."""
         if idempotency_key is not None:
             existing = await self._existing(idempotency_key)
             if existing is not None:
                 return existing
-        return await self._drive(self._inline(job, args, triggered_by=triggered_by,
-                                              idempotency_key=idempotency_key))
+        return await self._drive(
+            self._inline(job, args, triggered_by=triggered_by, idempotency_key=idempotency_key)
+        )
 
     async def run_execution(self, execution_id: IdLike) -> Execution:
         """Claim and run a pending or retrying execution; finished ones are returned as is."""
@@ -483,11 +607,18 @@ class AsyncJobRunner(_RunnerBase):
         jobs = self._runnable_jobs()
         async with self._phases.tx() as conn:
             rows = await conn.run_sync(
-                lambda c: q.claim_due(c, worker=self.worker_id, now=utcnow(), limit=limit,
-                                      jobs=jobs))
-        return [await self._drive(AttemptState.claimed(
-            self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id))
-            for r in rows]
+                lambda c: q.claim_due(
+                    c, worker=self.worker_id, now=utcnow(), limit=limit, jobs=jobs
+                )
+            )
+        return [
+            await self._drive(
+                AttemptState.claimed(
+                    self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
+                )
+            )
+            for r in rows
+        ]
 
     # -- reading -------------------------------------------------------------------------
 
@@ -498,15 +629,20 @@ class AsyncJobRunner(_RunnerBase):
             execution = await conn.run_sync(q.get, eid)
         return execution if execution is not None else _missing(eid)
 
-    async def list(self, *, status: StatusFilter = None, job: str | None = None,
-                   since: datetime | timedelta | None = None, limit: int = 100
-                   ) -> builtins.list[Execution]:
+    async def list(
+        self,
+        *,
+        status: StatusFilter = None,
+        job: str | None = None,
+        since: datetime | timedelta | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Execution]:
         """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
         statuses, after = _statuses(status), _since(since)
         async with self._phases.tx() as conn:
             return await conn.run_sync(
-                lambda c: q.list_executions(c, status=statuses, job=job, since=after,
-                                            limit=limit))
+                lambda c: q.list_executions(c, status=statuses, job=job, since=after, limit=limit)
+            )
 
     async def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
         """The attempt ledger of one execution, oldest first."""
@@ -532,9 +668,15 @@ class AsyncJobRunner(_RunnerBase):
         budget = self._retry_budget(current)
         async with self._phases.tx() as conn:
             execution = await conn.run_sync(
-                lambda c: q.requeue(c, current.id, from_statuses=RETRYABLE_BY_HAND,
-                                    max_attempts=budget, triggered_by=triggered_by,
-                                    now=utcnow()))
+                lambda c: q.requeue(
+                    c,
+                    current.id,
+                    from_statuses=RETRYABLE_BY_HAND,
+                    max_attempts=budget,
+                    triggered_by=triggered_by,
+                    now=utcnow(),
+                )
+            )
         return self._retry_result(current.id, execution, current)
 
     # -- the state machine's async edge --------------------------------------------------------
@@ -552,27 +694,34 @@ class AsyncJobRunner(_RunnerBase):
                         "('sqlite+aiosqlite:///jobs.db') or make those phases async"
                     )
                 self._sync = SyncPhases(
-                    make_sync_engine(url.render_as_string(hide_password=False),
-                                     **self._engine_options), self.url)
+                    make_sync_engine(
+                        url.render_as_string(hide_password=False), **self._engine_options
+                    ),
+                    self.url,
+                )
             return self._sync
 
     async def _existing(self, idempotency_key: str) -> Execution | None:
         async with self._phases.tx() as conn:
             return await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
 
-    async def _claim_and_drive(self, job_cls: type[PhasedJob],
-                               execution_id: uuid.UUID) -> Execution:
+    async def _claim_and_drive(
+        self, job_cls: type[PhasedJob], execution_id: uuid.UUID
+    ) -> Execution:
         async with self._phases.tx() as conn:
             row = await conn.run_sync(
-                lambda c: q.claim(c, execution_id, worker=self.worker_id, now=utcnow(),
-                                  phase="load"))
+                lambda c: q.claim(
+                    c, execution_id, worker=self.worker_id, now=utcnow(), phase="load"
+                )
+            )
         if row is None:
             return await self.get(execution_id)
         return await self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
 
     def _scope(self) -> SessionScope:
-        return SessionScope(lambda: self._sync_phases().sessions, self._phases.sessions,
-                            self._runner_name)
+        return SessionScope(
+            lambda: self._sync_phases().sessions, self._phases.sessions, self._runner_name
+        )
 
     async def _drive(self, state: AttemptState) -> Execution:
         phases = self._phases
@@ -582,8 +731,9 @@ class AsyncJobRunner(_RunnerBase):
             self._after_failure(state, await phases.finish_failure(state, RETRYING, wait), wait)
 
         try:
-            async for attempt in state.policy.async_retrying(done_attempts=state.number - 1,
-                                                             before_sleep=before_sleep):
+            async for attempt in state.policy.async_retrying(
+                done_attempts=state.number - 1, before_sleep=before_sleep
+            ):
                 with attempt:
                     return await self._attempt(state)
         except _StopRun as stop:

@@ -1,0 +1,5 @@
+"""``python -m jobrunner``: the jobrunner command."""
+
+from .cli import main
+
+main()
