@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Self
 
@@ -95,9 +95,15 @@ class _RunnerBase:
     _runner_name = "runner"
 
     def __init__(
-        self, *, registry: Registry | None, worker_id: str | None, inline_retry_max_wait: float
+        self,
+        *,
+        registry: Registry | None,
+        worker_id: str | None,
+        inline_retry_max_wait: float,
+        on_retry_scheduled: Callable[[Execution], None] | None = None,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
+        self.on_retry_scheduled = on_retry_scheduled
         self.worker_id = worker_id or _worker_id()
         if inline_retry_max_wait < 0:
             raise ConfigurationError("inline_retry_max_wait must be >= 0 seconds")
@@ -181,6 +187,20 @@ class _RunnerBase:
         )
         state.prepare_retry()
 
+    def _scheduled(self, execution: Execution | None) -> None:
+        """A long retry wait ended the run: tell the integration (Celery: a countdown)."""
+        if execution is None or execution.status is not RETRYING:
+            return
+        logger.info(
+            "execution %s of %s will retry at %s",
+            execution.id,
+            execution.job,
+            execution.next_retry_at,
+            extra={"execution_id": str(execution.id), "job": execution.job},
+        )
+        if self.on_retry_scheduled is not None:
+            self.on_retry_scheduled(execution)
+
     def _log_end(self, state: AttemptState, execution: Execution | None) -> None:
         if execution is None:
             return
@@ -260,10 +280,14 @@ class JobRunner(_RunnerBase):
         registry: Registry | None = None,
         worker_id: str | None = None,
         inline_retry_max_wait: float = 5.0,
+        on_retry_scheduled: Callable[[Execution], None] | None = None,
         **engine_options: Any,
     ) -> None:
         super().__init__(
-            registry=registry, worker_id=worker_id, inline_retry_max_wait=inline_retry_max_wait
+            registry=registry,
+            worker_id=worker_id,
+            inline_retry_max_wait=inline_retry_max_wait,
+            on_retry_scheduled=on_retry_scheduled,
         )
         self.engine = (
             engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
@@ -465,6 +489,7 @@ class JobRunner(_RunnerBase):
                 with attempt:
                     return self._attempt(state)
         except _StopRun as stop:
+            self._scheduled(stop.execution)
             return stop.execution or self.get(state.execution_id)
         except LeaseLost as exc:
             self._lost(state, exc)
@@ -515,10 +540,14 @@ class AsyncJobRunner(_RunnerBase):
         registry: Registry | None = None,
         worker_id: str | None = None,
         inline_retry_max_wait: float = 5.0,
+        on_retry_scheduled: Callable[[Execution], None] | None = None,
         **engine_options: Any,
     ) -> None:
         super().__init__(
-            registry=registry, worker_id=worker_id, inline_retry_max_wait=inline_retry_max_wait
+            registry=registry,
+            worker_id=worker_id,
+            inline_retry_max_wait=inline_retry_max_wait,
+            on_retry_scheduled=on_retry_scheduled,
         )
         self.engine = (
             engine if engine is not None else make_async_engine(database_url(url), **engine_options)
@@ -737,6 +766,7 @@ class AsyncJobRunner(_RunnerBase):
                 with attempt:
                     return await self._attempt(state)
         except _StopRun as stop:
+            self._scheduled(stop.execution)
             return stop.execution or await self.get(state.execution_id)
         except LeaseLost as exc:
             self._lost(state, exc)
