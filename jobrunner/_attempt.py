@@ -70,7 +70,7 @@ class AttemptState:
     failure: BaseException | None = None
     needs_claim: bool = False
     args_value: Any = None
-    _phase_started: float = 0.0
+    phase_started: float = 0.0
 
     @property
     def execution_id(self) -> uuid.UUID:
@@ -169,22 +169,22 @@ class AttemptState:
     def enter(self, phase: Phase) -> None:
         """Mark ``phase`` as current and start its clock."""
         self.phase = phase
-        self._phase_started = time.perf_counter()
+        self.phase_started = time.perf_counter()
 
     def leave(self) -> None:
         """Stop the current phase's clock (idempotent) and record its duration."""
         key = f"{self.phase}_ms"
         if self.phase is not None and key not in self.timings:
-            self.timings[key] = (time.perf_counter() - self._phase_started) * 1000
+            self.timings[key] = (time.perf_counter() - self.phase_started) * 1000
 
     def note_lag(self, lag_ms: float) -> None:
         """Keep the largest event-loop lag seen during this attempt."""
         if self.max_lag_ms is None or lag_ms > self.max_lag_ms:
             self.max_lag_ms = lag_ms
 
-    def capture(self, exc: BaseException) -> None:
-        """Remember the failure of the current phase (first one wins)."""
-        if self.error is not None:
+    def capture(self, exc: BaseException, *, replace: bool = False) -> None:
+        """Remember the failure of the current phase (the first one, unless ``replace``)."""
+        if self.error is not None and not replace:
             return
         name, message = describe(exc)
         tb = "".join(traceback.format_exception(exc))

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -138,6 +139,7 @@ class SyncPhases:
             loaded = job.load(session, args) if session is not None else args
             if session is not None:
                 session.flush()
+            _check_deadline(state, "load", state.job_cls.load_timeout)
         state.lease.how = "held"
         return loaded
 
@@ -164,6 +166,7 @@ class SyncPhases:
             if session is not None:
                 job.record(session, result)
                 session.flush()
+            _check_deadline(state, "record", state.job_cls.record_timeout)
             execution = q.finish(
                 conn, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
             )
@@ -251,8 +254,10 @@ class AsyncPhases:
             if state.insert_row is not None and state.lease.how == "insert":
                 await io.run(q.insert_execution, state.insert_row)
             args = _args_value(state)
-            loaded = await _async(job).load(session, args) if session is not None else args
+            loaded = args
             if session is not None:
+                async with _deadline(state, "load", state.job_cls.load_timeout):
+                    loaded = await _async(job).load(session, args)
                 await session.flush()
         state.lease.how = "held"
         return loaded
@@ -294,7 +299,8 @@ class AsyncPhases:
         async with self._open(state, "record") as (session, io):
             result = state.job_cls.restore_result(state.checkpoint)
             if session is not None:
-                await _async(job).record(session, result)
+                async with _deadline(state, "record", state.job_cls.record_timeout):
+                    await _async(job).record(session, result)
                 await session.flush()
             execution = await io.run(
                 q.finish, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
@@ -331,6 +337,25 @@ class _AsyncIO:
             return await self._session.run_sync(lambda s: fn(s.connection(), *args))
         assert self._conn is not None
         return await self._conn.run_sync(fn, *args)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(state: AttemptState, phase: str, seconds: float | None) -> AsyncIterator[None]:
+    """Cancel an async phase at its timeout and say so with :class:`JobTimedOut`."""
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except TimeoutError as exc:
+        if not timeout.expired():
+            raise  # the job's own TimeoutError
+        raise _timed_out(state, phase, seconds or 0) from exc
+
+
+def _check_deadline(state: AttemptState, phase: str, seconds: float | None) -> None:
+    """A sync load/record cannot be interrupted; past its timeout it is rolled back."""
+    if seconds is not None and (time.perf_counter() - state.phase_started) > seconds:
+        raise _timed_out(state, phase, seconds)
 
 
 def _async(job: PhasedJob) -> Any:

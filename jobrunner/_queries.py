@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, delete, false, func, insert, select, true
+from sqlalchemy import Connection, and_, bindparam, delete, false, func, insert, select, true, tuple_
 from sqlalchemy import update as sa_update
 
-from ._records import Attempt, Execution
+from ._records import Attempt, Execution, JobStats
 from ._schema import CLAIMABLE_STATUSES, ExecutionStatus, attempts, executions, metadata
 
 E = executions.c
@@ -130,6 +130,10 @@ def claim_due(
     """
     if not jobs:
         return []
+    # Lock the candidates first, then update exactly those ids. A single
+    # `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` is not safe:
+    # PostgreSQL may re-run the subquery, and each run skips the rows the last one locked,
+    # so far more than ``limit`` rows get claimed.
     due = (
         select(E.id)
         .where(_CLAIMABLE, E.next_retry_at <= now, E.job.in_(list(jobs)))
@@ -137,9 +141,12 @@ def claim_due(
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
+    ids = list(conn.execute(due).scalars())
+    if not ids:
+        return []
     stmt = (
         sa_update(executions)
-        .where(E.id.in_(due.scalar_subquery()), _CLAIMABLE)
+        .where(E.id.in_(ids), _CLAIMABLE)
         .values({**_CLAIM_SET, "phase": "load"})
         .returning(*_CLAIM_COLUMNS)
     )
@@ -168,9 +175,22 @@ def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> boo
     return None if row is None else bool(row[0])
 
 
-def heartbeat(conn: Connection, lease: Lease, now: datetime) -> bool | None:
-    """Refresh the lease. Returns ``cancel_requested``, or None if the lease is lost."""
-    return checkpoint(conn, lease, {"heartbeat_at": now})
+def heartbeat(
+    conn: Connection, leases: Sequence[tuple[uuid.UUID, int]], now: datetime
+) -> dict[uuid.UUID, bool]:
+    """Refresh many leases in one statement; ``{id: cancel_requested}`` for those still held.
+
+    An id missing from the answer has lost its lease (reaped, or claimed by another worker).
+    """
+    if not leases:
+        return {}
+    stmt = (
+        sa_update(executions)
+        .where(E.status == RUNNING, tuple_(E.id, E.lease_token).in_(list(leases)))
+        .values(heartbeat_at=now)
+        .returning(E.id, E.cancel_requested)
+    )
+    return {row[0]: bool(row[1]) for row in conn.execute(stmt)}
 
 
 def finish(
@@ -300,3 +320,142 @@ def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
     """Delete executions (their attempts go with them)."""
     conn.execute(delete(attempts).where(attempts.c.execution_id.in_(ids)))
     return conn.execute(delete(executions).where(E.id.in_(ids))).rowcount
+
+
+# -- housekeeping and statistics (prune, stats, id prefixes) --------------------------------
+
+
+def prune_batch(conn: Connection, *, before: datetime, statuses: Sequence[str], limit: int) -> int:
+    """Delete up to ``limit`` executions in ``statuses`` that finished before ``before``.
+
+    Returns how many were deleted; callers loop, one short transaction per batch. Rows
+    are found through the ``created_at`` index (an execution finishes after it is
+    created) and, on PostgreSQL, locked with ``SKIP LOCKED`` so a concurrent ``retry()``
+    of the same execution either wins or waits, never half-applies.
+    """
+    finished = func.coalesce(E.finished_at, E.created_at)
+    ids = (
+        conn.execute(
+            select(E.id)
+            .where(E.created_at < before, finished < before, E.status.in_(list(statuses)))
+            .order_by(E.created_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .scalars()
+        .all()
+    )
+    return delete_executions(conn, ids) if ids else 0
+
+
+_PERCENTILES = (50, 95)
+
+
+def _duration_ms(dialect: str) -> Any:
+    """Start-to-finish milliseconds as SQL: interval arithmetic differs per backend."""
+    if dialect == "postgresql":
+        return func.date_part("epoch", E.finished_at - E.started_at) * 1000.0
+    return (func.julianday(E.finished_at) - func.julianday(E.started_at)) * 86_400_000.0
+
+
+def _rank_bounds(n: Any, pct: int) -> tuple[Any, Any]:
+    """1-based ranks around the ``pct`` percentile of ``n`` sorted values (integer SQL)."""
+    return 1 + (n - 1) * pct // 100, 1 + ((n - 1) * pct + 99) // 100
+
+
+def _percentile(values: Mapping[int, float], n: int, pct: int) -> float:
+    """``percentile_cont``: linear interpolation between the two neighbouring ranks."""
+    lo, hi = _rank_bounds(n, pct)
+    fraction = ((n - 1) * pct % 100) / 100
+    return values[lo] + fraction * (values[hi] - values[lo])
+
+
+def job_stats(conn: Connection, *, since: datetime | None = None) -> list[JobStats]:
+    """Counts per job and status, with p50/p95 durations, for executions created since.
+
+    Percentiles are computed portably: a window query ranks durations per group and
+    returns only the (at most four) rows around each percentile, so the result stays
+    small however many executions the window holds.
+    """
+    window = [] if since is None else [E.created_at >= since]
+    counts = conn.execute(
+        select(E.job, E.status, func.count()).where(*window).group_by(E.job, E.status)
+    ).all()
+    ms = _duration_ms(conn.dialect.name)
+    ranked = (
+        select(
+            E.job,
+            E.status,
+            ms.label("ms"),
+            func.row_number().over(partition_by=[E.job, E.status], order_by=ms).label("rn"),
+            func.count().over(partition_by=[E.job, E.status]).label("n"),
+        )
+        .where(*window, E.started_at.is_not(None), E.finished_at.is_not(None))
+        .subquery()
+    )
+    wanted = [rank for pct in _PERCENTILES for rank in _rank_bounds(ranked.c.n, pct)]
+    rows = conn.execute(
+        select(ranked.c.job, ranked.c.status, ranked.c.rn, ranked.c.n, ranked.c.ms).where(
+            ranked.c.rn.in_(wanted)
+        )
+    ).all()
+    ranks: dict[tuple[str, str], tuple[int, dict[int, float]]] = {}
+    for job, status, rn, n, ms in rows:
+        ranks.setdefault((job, status), (int(n), {}))[1][int(rn)] = float(ms)
+    return sorted(
+        (_stats_row(job, status, count, ranks.get((job, status))) for job, status, count in counts),
+        key=lambda s: (s.job, s.status.value),
+    )
+
+
+def _stats_row(
+    job: str, status: str, count: int, ranked: tuple[int, dict[int, float]] | None
+) -> JobStats:
+    p50 = p95 = None
+    if ranked is not None:
+        n, values = ranked
+        p50, p95 = (_percentile(values, n, pct) for pct in _PERCENTILES)
+    return JobStats(
+        job=job, status=ExecutionStatus(status), count=int(count), p50_ms=p50, p95_ms=p95
+    )
+
+
+def find_ids_by_prefix(conn: Connection, prefix: str, *, limit: int = 2) -> list[uuid.UUID]:
+    """Execution ids starting with the hex ``prefix`` (dashes ignored), at most ``limit``.
+
+    A range scan on the primary key: UUIDs sort like their hex digits on both backends.
+    """
+    digits = prefix.replace("-", "").lower()
+    low = uuid.UUID(digits.ljust(32, "0"))
+    high = uuid.UUID(digits.ljust(32, "f"))
+    stmt = select(E.id).where(E.id.between(low, high)).order_by(E.id).limit(limit)
+    return list(conn.execute(stmt).scalars())
+
+
+# -- queue integrations (Celery) ---------------------------------------------------------------
+
+
+def mark_due(conn: Connection, execution_id: uuid.UUID, at: datetime) -> bool:
+    """Make a pending/retrying execution due at ``at`` for ``run_due()``.
+
+    For a queue message that could not be sent: the row is not orphaned. False when
+    the execution is no longer waiting (it ran, or was cancelled, meanwhile).
+    """
+    stmt = (
+        sa_update(executions)
+        .where(E.id == execution_id, _CLAIMABLE)
+        .values(next_retry_at=at)
+        .returning(E.id)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def set_external_id(conn: Connection, execution_id: uuid.UUID, external_id: str) -> bool:
+    """Point a waiting execution at the queue message that will run it next."""
+    stmt = (
+        sa_update(executions)
+        .where(E.id == execution_id, _CLAIMABLE)
+        .values(external_id=external_id)
+        .returning(E.id)
+    )
+    return conn.execute(stmt).first() is not None

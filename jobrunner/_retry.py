@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -57,6 +58,14 @@ def _resolve(spec: ExceptionSpec, field: str) -> type[BaseException]:
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise ConfigurationError(f"RetryPolicy.{field}: {spec!r} is not an exception class")
     return found
+
+
+# tenacity 9.1 renamed wait_exponential_jitter's `initial` to `multiplier`.
+_INITIAL = (
+    "multiplier"
+    if "multiplier" in inspect.signature(tenacity.wait_exponential_jitter).parameters
+    else "initial"
+)
 
 
 class _WaitFrom(tenacity.wait.wait_base):
@@ -131,10 +140,10 @@ class RetryPolicy:
 
     def _controller_kwargs(self, done_attempts: int) -> dict[str, Any]:
         wait = tenacity.wait_exponential_jitter(
-            initial=self.wait_initial,
             max=self.wait_max,
             exp_base=self.multiplier,
             jitter=self.jitter,
+            **{_INITIAL: self.wait_initial},
         )
         return {
             "stop": tenacity.stop_after_attempt(max(1, self.max_attempts - done_attempts)),

@@ -8,6 +8,7 @@ on the loop and sync ones in worker threads.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import logging
 import os
@@ -39,10 +40,11 @@ from ._exceptions import (
     LeaseLost,
 )
 from ._job import PhasedJob
+from ._inflight import AsyncHeartbeat, InFlight, Running, SyncHeartbeat
 from ._phases import AsyncPhases, SyncPhases, make_job
-from ._records import Attempt, Execution
+from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry, default_registry
-from ._schema import ExecutionStatus
+from ._schema import TERMINAL_STATUSES, ExecutionStatus
 from ._session import SessionScope
 
 logger = logging.getLogger("jobrunner")
@@ -89,6 +91,32 @@ def _since(since: datetime | timedelta | None) -> datetime | None:
     return utcnow() - since if isinstance(since, timedelta) else since
 
 
+MAX_PRUNE_BATCH = 10_000
+
+
+def _prune_plan(
+    older_than: datetime | timedelta, status: StatusFilter, batch_size: int
+) -> tuple[datetime, list[str]]:
+    """Check prune()'s arguments; return the cutoff and the finished statuses to delete."""
+    if isinstance(older_than, timedelta) and older_than < timedelta(0):
+        raise ConfigurationError(f"older_than must not be negative, got {older_than}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise ConfigurationError(f"batch_size must be an int, got {batch_size!r}")
+    if not 1 <= batch_size <= MAX_PRUNE_BATCH:
+        raise ConfigurationError(f"batch_size must be 1..{MAX_PRUNE_BATCH}, got {batch_size}")
+    finished = sorted(s.value for s in TERMINAL_STATUSES)
+    statuses = _statuses(status)
+    live = [s for s in statuses or () if s not in finished]
+    if live:
+        raise ConfigurationError(
+            f"prune deletes finished executions only, not {', '.join(live)}; "
+            f"finished statuses are: {', '.join(finished)}"
+        )
+    before = _since(older_than)
+    assert before is not None
+    return before, finished if statuses is None else statuses
+
+
 class _RunnerBase:
     """What both runners share that does no I/O."""
 
@@ -108,6 +136,7 @@ class _RunnerBase:
         if inline_retry_max_wait < 0:
             raise ConfigurationError("inline_retry_max_wait must be >= 0 seconds")
         self.inline_retry_max_wait = inline_retry_max_wait
+        self._inflight = InFlight()
 
     def _submission(
         self,
@@ -231,6 +260,9 @@ class _RunnerBase:
         self, execution_id: uuid.UUID, execution: Execution | None, current: Execution | None
     ) -> Execution:
         if execution is not None:
+            running = self._inflight.get(execution_id)
+            if running is not None and execution.status is ExecutionStatus.RUNNING:
+                running.signal("cancel")  # running here: no need to wait for a heartbeat
             return execution
         if current is None:
             raise ExecutionNotFound(f"no execution with id {execution_id}")
@@ -248,6 +280,12 @@ class _RunnerBase:
                 f"{', '.join(RETRYABLE_BY_HAND)} executions can be retried"
             )
         return execution
+
+
+def _interval(seconds: float) -> float:
+    if seconds <= 0:
+        raise ConfigurationError("heartbeat_interval must be a positive number of seconds")
+    return seconds
 
 
 def _extra(state: AttemptState) -> dict[str, Any]:
@@ -281,6 +319,7 @@ class JobRunner(_RunnerBase):
         worker_id: str | None = None,
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
+        heartbeat_interval: float = 10.0,
         **engine_options: Any,
     ) -> None:
         super().__init__(
@@ -294,6 +333,9 @@ class JobRunner(_RunnerBase):
         )
         self.url = display_url(self.engine.url)
         self._phases = SyncPhases(self.engine, self.url)
+        self._heartbeat = SyncHeartbeat(
+            self._inflight, self._phases.tx, _interval(heartbeat_interval)
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -303,7 +345,8 @@ class JobRunner(_RunnerBase):
             q.create_schema(conn)
 
     def close(self) -> None:
-        """Dispose of the engine's connections."""
+        """Stop the heartbeat and dispose of the engine's connections."""
+        self._heartbeat.stop()
         self.engine.dispose()
 
     def __enter__(self) -> Self:
@@ -423,6 +466,12 @@ class JobRunner(_RunnerBase):
                 _missing(eid)
             return q.list_attempts(conn, eid)
 
+    def stats(self, since: datetime | timedelta | None = None) -> builtins.list[JobStats]:
+        """Counts and p50/p95 durations per job and status, for executions created since."""
+        after = _since(since)
+        with self._phases.tx() as conn:
+            return q.job_stats(conn, since=after)
+
     # -- operator actions ------------------------------------------------------------------
 
     def cancel(self, execution_id: IdLike) -> Execution:
@@ -446,6 +495,32 @@ class JobRunner(_RunnerBase):
                 now=utcnow(),
             )
         return self._retry_result(current.id, execution, current)
+
+    def prune(
+        self,
+        older_than: datetime | timedelta,
+        *,
+        status: StatusFilter = None,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete finished executions (and their attempts) older than ``older_than``.
+
+        Only succeeded, failed, timed-out and cancelled executions go (``status`` narrows
+        that), ``batch_size`` at a time, each batch its own short transaction, so pruning
+        never holds one long lock. ``progress(deleted_so_far)`` is called after each batch.
+        Returns how many executions were deleted.
+        """
+        before, statuses = _prune_plan(older_than, status, batch_size)
+        deleted = 0
+        while True:
+            with self._phases.tx() as conn:
+                batch = q.prune_batch(conn, before=before, statuses=statuses, limit=batch_size)
+            deleted += batch
+            if batch and progress is not None:
+                progress(deleted)
+            if batch < batch_size:
+                return deleted
 
     # -- the state machine's sync edge ---------------------------------------------------------
 
@@ -511,15 +586,21 @@ class JobRunner(_RunnerBase):
             if row is None:
                 raise _StopRun(None)
             state.adopt_claim(row)
-        job = make_job(state, self._scope, threading.Event())
-        try:
-            if state.resume_from == "load":
-                loaded = phases.load(state, job)
-                phases.checkpoint(state, phases.execute(state, job, loaded))
-            return phases.record(state, job)
-        except BaseException as exc:
-            state.capture(exc)
-            raise
+        running = Running(state=state, cancel_event=threading.Event())
+        job = make_job(state, self._scope, running.cancel_event)
+        with self._inflight.track(running):
+            self._heartbeat.ensure_running()
+            try:
+                if state.resume_from == "load":
+                    loaded = phases.load(state, job)
+                    running.check()
+                    result = phases.execute(state, job, loaded)
+                    running.check()
+                    phases.checkpoint(state, result)
+                return phases.record(state, job)
+            except BaseException as exc:
+                state.capture(exc)
+                raise
 
 
 class AsyncJobRunner(_RunnerBase):
@@ -541,6 +622,7 @@ class AsyncJobRunner(_RunnerBase):
         worker_id: str | None = None,
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
+        heartbeat_interval: float = 10.0,
         **engine_options: Any,
     ) -> None:
         super().__init__(
@@ -557,6 +639,9 @@ class AsyncJobRunner(_RunnerBase):
         self._sync: SyncPhases | None = None
         self._sync_lock = threading.Lock()
         self._phases = AsyncPhases(self.engine, self.url, self._sync_phases)
+        self._heartbeat = AsyncHeartbeat(
+            self._inflight, self._phases.tx, _interval(heartbeat_interval)
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -566,7 +651,8 @@ class AsyncJobRunner(_RunnerBase):
             await conn.run_sync(q.create_schema)
 
     async def aclose(self) -> None:
-        """Dispose of the engines' connections."""
+        """Stop the heartbeat and dispose of the engines' connections."""
+        await self._heartbeat.stop()
         await self.engine.dispose()
         if self._sync is not None:
             self._sync.engine.dispose()
@@ -681,6 +767,12 @@ class AsyncJobRunner(_RunnerBase):
                 _missing(eid)
             return await conn.run_sync(q.list_attempts, eid)
 
+    async def stats(self, since: datetime | timedelta | None = None) -> builtins.list[JobStats]:
+        """Counts and p50/p95 durations per job and status, for executions created since."""
+        after = _since(since)
+        async with self._phases.tx() as conn:
+            return await conn.run_sync(q.job_stats, since=after)
+
     # -- operator actions ------------------------------------------------------------------
 
     async def cancel(self, execution_id: IdLike) -> Execution:
@@ -707,6 +799,28 @@ class AsyncJobRunner(_RunnerBase):
                 )
             )
         return self._retry_result(current.id, execution, current)
+
+    async def prune(
+        self,
+        older_than: datetime | timedelta,
+        *,
+        status: StatusFilter = None,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Delete finished executions older than ``older_than``, one batch per transaction."""
+        before, statuses = _prune_plan(older_than, status, batch_size)
+        deleted = 0
+        while True:
+            async with self._phases.tx() as conn:
+                batch = await conn.run_sync(
+                    q.prune_batch, before=before, statuses=statuses, limit=batch_size
+                )
+            deleted += batch
+            if batch and progress is not None:
+                progress(deleted)
+            if batch < batch_size:
+                return deleted
 
     # -- the state machine's async edge --------------------------------------------------------
 
@@ -788,11 +902,34 @@ class AsyncJobRunner(_RunnerBase):
             if row is None:
                 raise _StopRun(None)
             state.adopt_claim(row)
-        job = make_job(state, self._scope, threading.Event())
+        running = Running(state=state, cancel_event=threading.Event())
+        job = make_job(state, self._scope, running.cancel_event)
+        # The phases run in a child task, so a cancel or a lost lease can interrupt them at
+        # their next await while this task stays free to write the outcome.
+        task = asyncio.ensure_future(self._phases_of(state, job, running))
+        running.interrupt = task.cancel
+        with self._inflight.track(running):
+            self._heartbeat.ensure_running()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if running.reason is None or (current is not None and current.cancelling()):
+                    state.capture(asyncio.CancelledError("the worker was interrupted"))
+                    raise
+                error = running.error()
+                state.capture(error, replace=True)
+                raise error from None
+
+    async def _phases_of(self, state: AttemptState, job: PhasedJob, running: Running) -> Execution:
+        phases = self._phases
         try:
             if state.resume_from == "load":
                 loaded = await phases.load(state, job)
-                await phases.checkpoint(state, await phases.execute(state, job, loaded))
+                running.check()
+                result = await phases.execute(state, job, loaded)
+                running.check()
+                await phases.checkpoint(state, result)
             return await phases.record(state, job)
         except BaseException as exc:
             state.capture(exc)
