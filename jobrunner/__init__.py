@@ -24,7 +24,8 @@ from ._exceptions import (
     SchemaMissing,
 )
 from ._job import PhasedJob
-from ._records import Attempt, Execution
+from ._migrate import migrate
+from ._records import Attempt, Execution, JobStats
 from ._registry import Registry, default_registry
 from ._retry import TRANSIENT_ERRORS, RetryPolicy
 from ._runner import AsyncJobRunner, JobRunner
@@ -50,6 +51,7 @@ __all__ = [
     "JobNotFound",
     "JobRunner",
     "JobRunnerError",
+    "JobStats",
     "JobTimedOut",
     "LeaseLost",
     "LoopBlocked",
@@ -62,4 +64,5 @@ __all__ = [
     "__version__",
     "default_registry",
     "metadata",
+    "migrate",
 ]

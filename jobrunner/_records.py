@@ -73,6 +73,22 @@ class Execution:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class JobStats:
+    """Executions of one job in one status over a window: how many, how long they took.
+
+    Durations run from start to finish (retry waits included, as in
+    :attr:`Execution.duration_ms`); the percentiles interpolate like PostgreSQL's
+    ``percentile_cont`` and are None when no execution in the group has finished.
+    """
+
+    job: str
+    status: ExecutionStatus
+    count: int
+    p50_ms: float | None
+    p95_ms: float | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class Attempt:
     """One row of ``jobrunner_attempts``: a single try at an execution."""
 
