@@ -1,0 +1,102 @@
+"""The jobs the benchmarks run, and small helpers to drive many of them at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from jobrunner import PhasedJob
+from jobrunner._schema import metadata
+
+
+class AsyncNoop(PhasedJob, register=False):
+    """Does nothing, asynchronously: only the framework's own statements run."""
+
+    name = "bench.async_noop"
+
+    async def execute(self, loaded: Any) -> None:
+        return None
+
+
+class AsyncNoopPhases(PhasedJob, register=False):
+    """Async load/execute/record that do nothing: measures the phase sessions' cost."""
+
+    name = "bench.async_noop_phases"
+
+    async def load(self, session: Any, args: Any) -> None:
+        return None
+
+    async def execute(self, loaded: Any) -> None:
+        return None
+
+    async def record(self, session: Any, result: Any) -> None:
+        return None
+
+
+class SyncNoop(PhasedJob, register=False):
+    """Does nothing, synchronously (JobRunner, no event loop)."""
+
+    name = "bench.sync_noop"
+
+    def execute(self, loaded: Any) -> None:
+        return None
+
+
+def create_schema(url: sa.URL) -> None:
+    """Create jobrunner's tables in the (scratch) database at ``url``."""
+    engine = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        metadata.create_all(conn)
+    engine.dispose()
+
+
+def truncate(url: sa.URL, *tables: str) -> None:
+    """Empty ``tables`` (default: jobrunner's) between runs, outside the timing."""
+    names = ", ".join(tables or ("jobrunner_attempts", "jobrunner_executions"))
+    engine = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+async def run_many(one: Callable[[], Awaitable[Any]], n: int, concurrency: int) -> float:
+    """Call ``one()`` ``n`` times from ``concurrency`` workers; returns the seconds taken."""
+    counter = itertools.count()
+
+    async def worker() -> None:
+        while next(counter) < n:
+            await one()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+class StatementCounter:
+    """Counts statements, transactions and new connections on a sync engine (events)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.statements = 0
+        self.commits = 0
+        self.connects = 0
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._commit)
+        event.listen(engine.pool, "connect", self._connect)
+
+    def _statement(self, *args: Any) -> None:
+        self.statements += 1
+
+    def _commit(self, *args: Any) -> None:
+        self.commits += 1
+
+    def _connect(self, *args: Any) -> None:
+        self.connects += 1
+
+    def reset(self) -> None:
+        self.statements = self.commits = self.connects = 0

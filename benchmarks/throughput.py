@@ -1,0 +1,207 @@
+"""throughput: no-op executions per second on PostgreSQL, next to the floor and the alternatives.
+
+In one run, on one scratch database: the floor (jobrunner's three transactions by hand with
+raw asyncpg, 1- and 8-way), naive SQLAlchemy ``AsyncSession`` code with the same three
+transactions, ``AsyncJobRunner`` (sequential, 8 concurrent; with and without load/record
+phases; default pool), ``JobRunner`` (sequential, psycopg), procrastinate (one worker,
+concurrency 8) and Celery (prefork worker, concurrency 2, Redis broker, SQLAlchemy database
+result backend on PostgreSQL). ``--profile`` also profiles ``AsyncJobRunner`` with pyinstrument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from jobrunner import AsyncJobRunner, JobRunner, Registry
+
+from . import _profile
+from ._floor import run_floor
+from ._harness import Bench, Measurement, Sample
+from ._jobs import (
+    AsyncNoop,
+    AsyncNoopPhases,
+    StatementCounter,
+    SyncNoop,
+    create_schema,
+    run_many,
+    truncate,
+)
+from ._rivals import CeleryRig, run_naive_sqlalchemy, run_procrastinate
+
+BROKER_ENV = "JOBRUNNER_BENCH_BROKER"
+DEFAULT_BROKER = "redis://127.0.0.1:6379/14"
+CONCURRENCY = 8
+
+
+def run(bench: Bench) -> None:
+    n = bench.size(full=2_000, quick=100)
+    with bench.scratch_database() as url:
+        create_schema(url)
+        floors = asyncio.run(_async_systems(bench, url, n))
+        _sync_runner(bench, url, n, floors[1])
+        _celery(bench, url, n, floors[CONCURRENCY])
+        counts = asyncio.run(_statement_counts(url))
+        if bench.options.profile:
+            _profile.profile_async_runner(url, bench.size(full=2_000, quick=200))
+    _notes(bench, counts)
+    bench.table(f"throughput: {n:,} no-op executions, PostgreSQL", {"connects": "new conns"})
+
+
+async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measurement]:
+    floors: dict[int, Measurement] = {}
+    for conc in (1, CONCURRENCY):
+        floors[conc] = await bench.ameasure(
+            system="floor (asyncpg)",
+            variant="3 tx by hand",
+            n=n,
+            concurrency=conc,
+            fn=lambda c=conc: _fresh(url, run_floor(url, n, c)),
+        )
+    floor = floors[CONCURRENCY]
+    await bench.ameasure(
+        system="SQLAlchemy naive",
+        variant="AsyncSession, 3 tx",
+        n=n,
+        concurrency=CONCURRENCY,
+        fn=lambda: _fresh(url, run_naive_sqlalchemy(url, n, CONCURRENCY)),
+        ratio_to=floor,
+    )
+    variants: list[tuple[str, type[Any], int, dict[str, Any]]] = [
+        ("no-op execute", AsyncNoop, 1, {}),
+        ("no-op execute", AsyncNoop, CONCURRENCY, {"pool_size": CONCURRENCY}),
+        ("load+execute+record", AsyncNoopPhases, CONCURRENCY, {"pool_size": CONCURRENCY}),
+        ("default pool (5+10)", AsyncNoop, CONCURRENCY, {}),
+    ]
+    for variant, job, conc, engine_options in variants:
+        await bench.ameasure(
+            system="AsyncJobRunner",
+            variant=variant,
+            n=n,
+            concurrency=conc,
+            fn=lambda j=job, c=conc, o=engine_options: _async_runner(url, j, n, c, o),
+            ratio_to=floors[conc],
+        )
+    await bench.ameasure(
+        system="procrastinate",
+        variant="1 worker, deferred first",
+        n=n,
+        concurrency=CONCURRENCY,
+        fn=lambda: run_procrastinate(url, n, CONCURRENCY),
+        ratio_to=floor,
+    )
+    return floors
+
+
+async def _fresh(url: sa.URL, timed: Any) -> Any:
+    """Empty jobrunner's tables, then await the timed run (coroutine created lazily)."""
+    truncate(url)
+    return await timed
+
+
+async def _async_runner(
+    url: sa.URL, job: type[Any], n: int, concurrency: int, engine_options: dict[str, Any]
+) -> Sample:
+    truncate(url)
+    runner = AsyncJobRunner(
+        url.set(drivername="postgresql+asyncpg"), registry=Registry([job]), **engine_options
+    )
+    counter = StatementCounter(runner.engine.sync_engine)
+    try:
+        await run_many(lambda: runner.run(job), 10 * concurrency, concurrency)  # warm up
+        counter.reset()
+        seconds = await run_many(lambda: runner.run(job), n, concurrency)
+        return Sample(seconds=seconds, extra={"connects": counter.connects})
+    finally:
+        await runner.aclose()
+
+
+def _sync_runner(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:
+    def once() -> Sample:
+        truncate(url)
+        runner = JobRunner(url.set(drivername="postgresql+psycopg"), registry=Registry([SyncNoop]))
+        counter = StatementCounter(runner.engine)
+        try:
+            for _ in range(10):
+                runner.run(SyncNoop)
+            counter.reset()
+            start = time.perf_counter()
+            for _ in range(n):
+                runner.run(SyncNoop)
+            seconds = time.perf_counter() - start
+            return Sample(seconds=seconds, extra={"connects": counter.connects})
+        finally:
+            runner.close()
+
+    bench.measure(
+        system="JobRunner (psycopg)",
+        variant="no-op execute",
+        n=n,
+        concurrency=1,
+        fn=once,
+        ratio_to=floor,
+    )
+
+
+def _celery(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:
+    rig = CeleryRig(url, os.environ.get(BROKER_ENV, DEFAULT_BROKER), concurrency=2)
+    try:
+        with rig.worker():
+            rig.warm_up(20)
+            bench.measure(
+                system="Celery + DB backend",
+                variant="prefork, Redis broker",
+                n=n,
+                concurrency=2,
+                fn=lambda: rig.run(n),
+                ratio_to=floor,
+            )
+    except Exception as exc:  # "as far as it can run here": say why, keep the other rows
+        bench.note(f"Celery could not be measured here: {type(exc).__name__}: {exc}")
+
+
+async def _statement_counts(url: sa.URL) -> dict[str, tuple[float, float]]:
+    """Statements and commits per execution for each AsyncJobRunner job shape (not timed)."""
+    counts = {}
+    for label, job in (("no-op execute", AsyncNoop), ("load+execute+record", AsyncNoopPhases)):
+        runner = AsyncJobRunner(url.set(drivername="postgresql+asyncpg"), registry=Registry([job]))
+        counter = StatementCounter(runner.engine.sync_engine)
+        await runner.run(job)
+        counter.reset()
+        for _ in range(50):
+            await runner.run(job)
+        await runner.aclose()
+        counts[label] = (counter.statements / 50, counter.commits / 50)
+    return counts
+
+
+def _notes(bench: Bench, counts: dict[str, tuple[float, float]]) -> None:
+    for label, (statements, commits) in counts.items():
+        bench.note(
+            f"AsyncJobRunner {label}: {statements:g} statements and {commits:g} commits "
+            "per execution (SQLAlchemy events; BEGIN not counted)"
+        )
+    bench.note(
+        f"SQLAlchemy {sa.__version__}; 'new conns' = connections opened during the timed runs"
+    )
+    best = next(
+        (m for m in bench.measurements if m.system == "AsyncJobRunner" and m.concurrency > 1),
+        None,
+    )
+    if best is None or best.median_rate is None:
+        return
+    ratio = best.ratio_to_floor or 0.0
+    verdict = "met" if ratio >= 0.5 else "NOT met"
+    bench.note(f"target AsyncJobRunner 8-way >= 0.5x floor: {verdict} ({ratio:.2f}x)")
+    for system in ("procrastinate", "Celery + DB backend"):
+        rival = next((m for m in bench.measurements if m.system == system), None)
+        if rival is None or rival.median_rate is None:
+            bench.note(f"target AsyncJobRunner >= 2x {system}: not measured in this run")
+            continue
+        times = best.median_rate / rival.median_rate
+        verdict = "met" if times >= 2 else "NOT met"
+        bench.note(f"target AsyncJobRunner 8-way >= 2x {system}: {verdict} ({times:.2f}x)")
