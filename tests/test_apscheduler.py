@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import importlib
 import pickle
 import threading
 import time
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from apscheduler.events import (
@@ -363,6 +365,42 @@ def test_background_scheduler_runs_sync_and_async_jobs(
     finally:
         scheduler.shutdown(wait=True)
     assert {e.triggered_by for e in runner.list()} == {"apscheduler"}
+
+
+async def test_fastapi_example_serves_health_while_the_sync_job_blocks(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/apscheduler_fastapi.py starts, both jobs fire, /health stays fast meanwhile."""
+    monkeypatch.setenv("JOBRUNNER_DATABASE_URL", backend.url)
+    app = importlib.import_module("examples.apscheduler_fastapi").app
+    transport = httpx.ASGITransport(app=app)
+    client = httpx.AsyncClient(transport=transport, base_url="http://example")
+
+    async def purge(status: str) -> list[dict[str, Any]]:
+        rows = (await client.get("/executions")).json()
+        purges = [r for r in rows if r["job"] == "example.purge_soft_deleted"]
+        return [r for r in purges if r["status"] == status]
+
+    async def both_succeeded() -> list[dict[str, Any]]:
+        rows = (await client.get("/executions")).json()
+        done = {r["job"] for r in rows if r["status"] == "succeeded"}
+        return rows if done == {"example.refresh_rates", "example.purge_soft_deleted"} else []
+
+    latencies = []
+    try:
+        async with app.router.lifespan_context(app), client:
+            await until(lambda: purge("running"), "the blocking purge to start")
+            for _ in range(20):
+                started_at = time.perf_counter()
+                assert (await client.get("/health")).json() == {"status": "ok"}
+                latencies.append(time.perf_counter() - started_at)
+            assert await purge("running"), "the purge ended before /health was measured"
+            rows = await until(both_succeeded, "both jobs to succeed")
+    finally:
+        configure()
+    assert max(latencies) < 0.05, f"/health took {max(latencies) * 1000:.0f} ms"
+    assert {(r["triggered_by"], r["schedule"]) for r in rows} == {
+        ("apscheduler", "refresh-rates"), ("apscheduler", "purge-soft-deleted")}
 
 
 # -- validation at schedule() time ----------------------------------------------------------------
