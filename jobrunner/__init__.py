@@ -24,6 +24,7 @@ from ._exceptions import (
     SchemaMissing,
 )
 from ._job import PhasedJob
+from ._monitor import LoopMonitor, monitor_blocking
 from ._migrate import migrate
 from ._records import Attempt, Execution, JobStats
 from ._registry import Registry, default_registry
@@ -55,6 +56,7 @@ __all__ = [
     "JobTimedOut",
     "LeaseLost",
     "LoopBlocked",
+    "LoopMonitor",
     "PhaseSessionClosed",
     "PhasedJob",
     "Registry",
@@ -64,5 +66,6 @@ __all__ = [
     "__version__",
     "default_registry",
     "metadata",
+    "monitor_blocking",
     "migrate",
 ]

@@ -71,6 +71,7 @@ class AttemptState:
     needs_claim: bool = False
     args_value: Any = None
     phase_started: float = 0.0
+    slow_phase_ms: float | None = None
 
     @property
     def execution_id(self) -> uuid.UUID:

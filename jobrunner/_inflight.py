@@ -95,6 +95,15 @@ class InFlight:
         """The in-flight attempt of ``execution_id``, if this runner has one."""
         return self._items.get(execution_id)
 
+    def idle(self) -> bool:
+        """True when nothing is in flight."""
+        return not self._items
+
+    def note_lag(self, lag_ms: float) -> None:
+        """Every attempt in flight saw this much event-loop lag."""
+        for running in list(self._items.values()):
+            running.state.note_lag(lag_ms)
+
     def leases(self) -> list[tuple[uuid.UUID, int]]:
         """(id, token) of every attempt whose lease is committed."""
         with self._lock:
@@ -124,8 +133,12 @@ def _beat_failed(exc: Exception) -> None:
 class SyncHeartbeat:
     """A daemon thread beating while attempts are in flight; it exits when idle."""
 
-    def __init__(self, inflight: InFlight, tx: Callable[[], contextlib.AbstractContextManager[
-            Connection]], interval: float) -> None:
+    def __init__(
+        self,
+        inflight: InFlight,
+        tx: Callable[[], contextlib.AbstractContextManager[Connection]],
+        interval: float,
+    ) -> None:
         self._inflight = inflight
         self._tx = tx
         self.interval = interval
@@ -138,8 +151,9 @@ class SyncHeartbeat:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop.clear()
-                self._thread = threading.Thread(target=self._run, name="jobrunner-heartbeat",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._run, name="jobrunner-heartbeat", daemon=True
+                )
                 self._thread.start()
 
     def beat(self) -> None:
@@ -174,8 +188,12 @@ class SyncHeartbeat:
 class AsyncHeartbeat:
     """A task on the runner's loop beating while attempts are in flight; exits when idle."""
 
-    def __init__(self, inflight: InFlight, tx: Callable[[], contextlib.AbstractAsyncContextManager[
-            AsyncConnection]], interval: float) -> None:
+    def __init__(
+        self,
+        inflight: InFlight,
+        tx: Callable[[], contextlib.AbstractAsyncContextManager[AsyncConnection]],
+        interval: float,
+    ) -> None:
         self._inflight = inflight
         self._tx = tx
         self.interval = interval
@@ -185,7 +203,8 @@ class AsyncHeartbeat:
         """Start the beating task on the running loop unless it runs already."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="jobrunner-heartbeat")
+                self._run(), name="jobrunner-heartbeat"
+            )
 
     async def beat(self) -> None:
         """Refresh every committed lease once and signal the attempts that must stop."""
@@ -213,4 +232,3 @@ class AsyncHeartbeat:
                 await self.beat()
             except Exception as exc:  # a blip must not kill the heartbeat
                 _beat_failed(exc)
-

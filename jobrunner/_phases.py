@@ -14,7 +14,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -26,7 +26,7 @@ from ._attempt import AttemptState, Phase, utcnow
 from ._errors_db import framework_sql
 from ._exceptions import ExecutionCancelled, JobTimedOut, LeaseLost
 from ._job import JobContext, PhasedJob
-from ._monitor import PhaseInfo, current_phase
+from ._monitor import LoopHealth, PhaseInfo, phase_context, timed_steps
 from ._records import Execution
 from ._schema import ExecutionStatus
 from ._session import PhaseSession, SessionScope
@@ -56,17 +56,6 @@ def _timed_out(state: AttemptState, phase: str, seconds: float) -> JobTimedOut:
         f"{phase} of {state.job_cls.name!r} (execution {state.execution_id}) ran past its "
         f"{seconds:g}s timeout"
     )
-
-
-@contextlib.contextmanager
-def _phase_context(state: AttemptState, phase: Phase) -> Iterator[None]:
-    state.enter(phase)
-    token = current_phase.set(PhaseInfo(str(state.execution_id), state.job_cls.name, phase, state))
-    try:
-        yield
-    finally:
-        state.leave()
-        current_phase.reset(token)
 
 
 def make_job(
@@ -103,7 +92,7 @@ class SyncPhases:
         self, state: AttemptState, phase: Phase
     ) -> Iterator[tuple[Session | None, Connection]]:
         """The phase's transaction: a sealed-after-use session if the job has this phase."""
-        with _phase_context(state, phase):
+        with phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
                 with self.engine.begin() as conn:
                     yield None, conn
@@ -130,7 +119,7 @@ class SyncPhases:
         """LOAD: create or keep the running row and call ``job.load`` in one transaction."""
         spec = state.job_cls.spec
         if state.lease.how == "held" and not spec.runs("load"):
-            with _phase_context(state, "load"):
+            with phase_context(state, "load"):
                 return _args_value(state)
         with self._open(state, "load") as (session, conn):
             if state.insert_row is not None and state.lease.how == "insert":
@@ -146,7 +135,7 @@ class SyncPhases:
     def execute(self, state: AttemptState, job: PhasedJob, loaded: Any) -> Any:
         """EXECUTE: no session held; returns the JSON form of the result."""
         timeout = state.job_cls.timeout
-        with _phase_context(state, "execute"):
+        with phase_context(state, "execute"):
             if timeout is None:
                 result = job.execute(loaded)
             else:
@@ -202,6 +191,14 @@ class AsyncPhases:
         )
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._sync_phases = sync_phases
+        self.health: LoopHealth | None = None
+
+    def _timed(self, state: AttemptState, coro: Coroutine[Any, Any, Any]) -> Awaitable[Any]:
+        """Await an async phase with its steps timed against the loop-health thresholds."""
+        if self.health is None:
+            return coro
+        info = PhaseInfo(str(state.execution_id), state.job_cls.name, state.phase or "", state)
+        return timed_steps(coro, info, self.health)
 
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[AsyncConnection]:
@@ -214,7 +211,7 @@ class AsyncPhases:
     async def _open(
         self, state: AttemptState, phase: Phase
     ) -> AsyncIterator[tuple[AsyncSession | None, _AsyncIO]]:
-        with _phase_context(state, phase):
+        with phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
                 async with self.engine.begin() as conn:
                     yield None, _AsyncIO(conn=conn)
@@ -248,7 +245,7 @@ class AsyncPhases:
         if spec.runs("load") and not spec.is_async("load"):
             return await asyncio.to_thread(self._sync_phases().load, state, job)
         if state.lease.how == "held" and not spec.runs("load"):
-            with _phase_context(state, "load"):
+            with phase_context(state, "load"):
                 return _args_value(state)
         async with self._open(state, "load") as (session, io):
             if state.insert_row is not None and state.lease.how == "insert":
@@ -257,7 +254,7 @@ class AsyncPhases:
             loaded = args
             if session is not None:
                 async with _deadline(state, "load", state.job_cls.load_timeout):
-                    loaded = await _async(job).load(session, args)
+                    loaded = await self._timed(state, _async(job).load(session, args))
                 await session.flush()
         state.lease.how = "held"
         return loaded
@@ -265,10 +262,10 @@ class AsyncPhases:
     async def execute(self, state: AttemptState, job: PhasedJob, loaded: Any) -> Any:
         """EXECUTE on the loop if async, in a worker thread if sync; with the timeout."""
         timeout = state.job_cls.timeout
-        with _phase_context(state, "execute"):
+        with phase_context(state, "execute"):
             late = None
             if state.job_cls.spec.is_async("execute"):
-                call = _async(job).execute(loaded)
+                call = self._timed(state, _async(job).execute(loaded))
             else:
                 late = _LateResult(job.execute, state)
                 call = asyncio.to_thread(late, loaded)
@@ -300,7 +297,7 @@ class AsyncPhases:
             result = state.job_cls.restore_result(state.checkpoint)
             if session is not None:
                 async with _deadline(state, "record", state.job_cls.record_timeout):
-                    await _async(job).record(session, result)
+                    await self._timed(state, _async(job).record(session, result))
                 await session.flush()
             execution = await io.run(
                 q.finish, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)

@@ -39,8 +39,9 @@ from ._exceptions import (
     InvalidTransition,
     LeaseLost,
 )
-from ._job import PhasedJob
 from ._inflight import AsyncHeartbeat, InFlight, Running, SyncHeartbeat
+from ._job import PhasedJob
+from ._monitor import LoopHealth, LoopMonitor
 from ._phases import AsyncPhases, SyncPhases, make_job
 from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry, default_registry
@@ -129,8 +130,10 @@ class _RunnerBase:
         worker_id: str | None,
         inline_retry_max_wait: float,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
+        slow_phase_threshold: float | None = 10.0,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
+        self._slow_phase_ms = None if slow_phase_threshold is None else slow_phase_threshold * 1000
         self.on_retry_scheduled = on_retry_scheduled
         self.worker_id = worker_id or _worker_id()
         if inline_retry_max_wait < 0:
@@ -320,6 +323,7 @@ class JobRunner(_RunnerBase):
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
         heartbeat_interval: float = 10.0,
+        slow_phase_threshold: float | None = 10.0,
         **engine_options: Any,
     ) -> None:
         super().__init__(
@@ -327,6 +331,7 @@ class JobRunner(_RunnerBase):
             worker_id=worker_id,
             inline_retry_max_wait=inline_retry_max_wait,
             on_retry_scheduled=on_retry_scheduled,
+            slow_phase_threshold=slow_phase_threshold,
         )
         self.engine = (
             engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
@@ -586,6 +591,7 @@ class JobRunner(_RunnerBase):
             if row is None:
                 raise _StopRun(None)
             state.adopt_claim(row)
+        state.slow_phase_ms = self._slow_phase_ms
         running = Running(state=state, cancel_event=threading.Event())
         job = make_job(state, self._scope, running.cancel_event)
         with self._inflight.track(running):
@@ -623,6 +629,11 @@ class AsyncJobRunner(_RunnerBase):
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
         heartbeat_interval: float = 10.0,
+        slow_phase_threshold: float | None = 10.0,
+        loop_lag_threshold_ms: float = 100.0,
+        strict_loop: bool = False,
+        monitor_loop: bool = True,
+        loop_monitor_interval: float = 0.05,
         **engine_options: Any,
     ) -> None:
         super().__init__(
@@ -630,6 +641,7 @@ class AsyncJobRunner(_RunnerBase):
             worker_id=worker_id,
             inline_retry_max_wait=inline_retry_max_wait,
             on_retry_scheduled=on_retry_scheduled,
+            slow_phase_threshold=slow_phase_threshold,
         )
         self.engine = (
             engine if engine is not None else make_async_engine(database_url(url), **engine_options)
@@ -642,6 +654,14 @@ class AsyncJobRunner(_RunnerBase):
         self._heartbeat = AsyncHeartbeat(
             self._inflight, self._phases.tx, _interval(heartbeat_interval)
         )
+        if monitor_loop or strict_loop:
+            self._phases.health = LoopHealth(threshold_ms=loop_lag_threshold_ms, strict=strict_loop)
+        self.loop_monitor: LoopMonitor | None = None
+        if monitor_loop:
+            self.loop_monitor = LoopMonitor(
+                interval=loop_monitor_interval, threshold_ms=loop_lag_threshold_ms
+            )
+            self.loop_monitor.add_listener(self._inflight.note_lag)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -653,6 +673,8 @@ class AsyncJobRunner(_RunnerBase):
     async def aclose(self) -> None:
         """Stop the heartbeat and dispose of the engines' connections."""
         await self._heartbeat.stop()
+        if self.loop_monitor is not None:
+            await self.loop_monitor.stop()
         await self.engine.dispose()
         if self._sync is not None:
             self._sync.engine.dispose()
@@ -902,6 +924,7 @@ class AsyncJobRunner(_RunnerBase):
             if row is None:
                 raise _StopRun(None)
             state.adopt_claim(row)
+        state.slow_phase_ms = self._slow_phase_ms
         running = Running(state=state, cancel_event=threading.Event())
         job = make_job(state, self._scope, running.cancel_event)
         # The phases run in a child task, so a cancel or a lost lease can interrupt them at
@@ -910,6 +933,8 @@ class AsyncJobRunner(_RunnerBase):
         running.interrupt = task.cancel
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
+            if self.loop_monitor is not None:
+                self.loop_monitor.start(stop_when=self._inflight.idle)
             try:
                 return await task
             except asyncio.CancelledError:

@@ -216,7 +216,7 @@ def test_bad_retry_policies_fail_at_class_definition() -> None:
 
     with pytest.raises(ConfigurationError, match="at least 1"):
         RetryPolicy(max_attempts=-2)
-    with pytest.raises(ConfigurationError, match="cannot import exception 'nowhere.Missing'"):
+    with pytest.raises(ConfigurationError, match=r"cannot import exception 'nowhere\.Missing'"):
         RetryPolicy(max_attempts=2, retry_on=("nowhere.Missing",))
     with pytest.raises(ConfigurationError, match="not an exception class"):
         RetryPolicy(max_attempts=2, retry_on=("json.dumps",))

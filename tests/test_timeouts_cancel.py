@@ -26,13 +26,6 @@ from .conftest import Backend
 from .support import Counter
 
 
-async def _until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_async_execute_timeout_ends_timed_out_at_the_deadline(
         arunner: AsyncJobRunner) -> None:
     """An async execute past `timeout` is cancelled: timed_out in about the timeout."""
