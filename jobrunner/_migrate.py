@@ -1,0 +1,243 @@
+"""Alembic migrations for jobrunner's tables: upgrade, adopt, report where a database is.
+
+The revisions live in ``jobrunner/migrations`` and record themselves in their own version
+table, ``jobrunner_alembic_version``, so they never meet the application's own Alembic
+history in the same database. Alembic is imported only when a migration runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.engine import URL
+
+from ._engine import database_url, display_url, make_sync_engine, parse_url
+from ._errors_db import framework_sql
+from ._exceptions import ConfigurationError
+from ._schema import UTCDateTime, metadata
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+
+logger = logging.getLogger(__name__)
+
+#: The table holding jobrunner's applied revision (apart from the application's own).
+VERSION_TABLE = "jobrunner_alembic_version"
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+TABLE_PREFIX = "jobrunner_"
+
+# Session-level PostgreSQL advisory lock ("jobr"): concurrent migrates wait their turn.
+_LOCK_KEY = 0x6A6F6272
+
+#: ``on_step(revision, description)``: called after each revision is applied.
+StepCallback = Callable[[str, str], None]
+Target = str | URL | Engine | Connection | None
+
+
+# -- hooks shared by env.py and the checks ------------------------------------------------
+
+
+def include_name(name: str | None, type_: str, parent_names: Mapping[str, str | None]) -> bool:
+    """Alembic ``include_name`` hook: jobrunner's tables only, never the application's."""
+    return type_ != "table" or (name or "").startswith(TABLE_PREFIX)
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Render jobrunner's own column types as plain SQLAlchemy types in new revisions."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
+def context_options(dialect_name: str) -> dict[str, Any]:
+    """Keyword arguments for ``context.configure`` that every jobrunner migration uses."""
+    return {
+        "target_metadata": metadata,
+        "version_table": VERSION_TABLE,
+        "include_name": include_name,
+        "render_item": render_item,
+        "render_as_batch": dialect_name == "sqlite",
+        "compare_type": True,
+        "transaction_per_migration": True,
+    }
+
+
+def alembic_config() -> Config:
+    """An Alembic ``Config`` for jobrunner's revisions (for ``alembic.command`` calls)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    """The newest revision jobrunner ships."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "jobrunner ships at least one revision"
+    return head
+
+
+# -- the public entry point ---------------------------------------------------------------
+
+
+def migrate(
+    target: Target = None, *, revision: str = "head", on_step: StepCallback | None = None
+) -> list[str]:
+    """Upgrade jobrunner's tables to ``revision`` (default: the newest). Idempotent.
+
+    ``target`` is a database URL (default: ``JOBRUNNER_DATABASE_URL``, else the embedded
+    ``sqlite:///jobrunner.db``), an ``Engine``, or a ``Connection`` (then the migration
+    runs in the caller's transaction, which the caller commits). Tables created earlier
+    by ``create_schema()`` are adopted: if they match the newest schema they are stamped,
+    not created again. Returns the revisions applied, oldest first (empty when already up
+    to date); ``on_step(revision, description)`` is called after each one.
+    """
+    url = _display(target)
+    with framework_sql(url), _alembic_errors(), _connection(target) as (conn, owned):
+        return _upgrade(conn, revision, on_step, owned=owned)
+
+
+def migration_sql(target: str | URL | None = None, *, revision: str = "head") -> str:
+    """The SQL an upgrade from nothing to ``revision`` runs, for review (offline mode)."""
+    from alembic import command
+
+    buffer = io.StringIO()
+    config = alembic_config()
+    config.output_buffer = buffer
+    config.attributes["url"] = parse_url(database_url(target), is_async=False)
+    with _alembic_errors():
+        command.upgrade(config, revision, sql=True)
+    return buffer.getvalue()
+
+
+def current_revision(conn: Connection) -> str | None:
+    """The jobrunner revision ``conn``'s database is at, or None if never migrated."""
+    heads = _migration_context(conn).get_current_heads()
+    return heads[0] if heads else None
+
+
+def schema_differences(conn: Connection) -> list[Any]:
+    """What Alembic autogenerate would change to make the tables match this version."""
+    from alembic.autogenerate import compare_metadata
+
+    return list(compare_metadata(_migration_context(conn, compare=True), metadata))
+
+
+# -- how it runs ------------------------------------------------------------------------------
+
+
+def _upgrade(
+    conn: Connection, revision: str, on_step: StepCallback | None, *, owned: bool
+) -> list[str]:
+    from alembic import command
+
+    applied: list[str] = []
+
+    def record(*, step: Any, **_: Any) -> None:
+        rev = step.up_revision_id if step.is_upgrade else step.down_revision_ids[0]
+        description = step.up_revision.doc if step.up_revision is not None else ""
+        if step.is_stamp:
+            description = "existing tables adopted (stamped; they match this revision)"
+        applied.append(rev)
+        logger.info("jobrunner migration %s applied: %s", rev, description)
+        if on_step is not None:
+            on_step(rev, description)
+
+    config = alembic_config()
+    config.attributes.update(connection=conn, on_version_apply=record)
+    with _serialised(conn, owned):
+        adopt = _adoptable(conn)
+        if owned:
+            conn.commit()  # end the inspection's implicit transaction; Alembic runs its own
+        if adopt:
+            command.stamp(config, "head")
+        command.upgrade(config, revision)
+        if owned:
+            conn.commit()
+    return applied
+
+
+def _adoptable(conn: Connection) -> bool:
+    """True for tables made by ``create_schema()`` that already match the newest schema."""
+    tables = {name for name in inspect(conn).get_table_names() if name.startswith(TABLE_PREFIX)}
+    if not tables - {VERSION_TABLE} or current_revision(conn) is not None:
+        return False
+    differences = schema_differences(conn)
+    if differences:
+        raise ConfigurationError(
+            f"jobrunner tables exist ({', '.join(sorted(tables))}) but were not created by "
+            f"`jobrunner migrate` and differ from this version's schema "
+            f"({len(differences)} difference(s), first: {differences[0]!r}); "
+            "bring them up to date by hand or drop them, then migrate"
+        )
+    return True
+
+
+def _migration_context(conn: Connection, *, compare: bool = False) -> MigrationContext:
+    from alembic.runtime.migration import MigrationContext
+
+    opts = context_options(conn.dialect.name) if compare else {"version_table": VERSION_TABLE}
+    opts.pop("transaction_per_migration", None)
+    return MigrationContext.configure(conn, opts=opts)
+
+
+@contextlib.contextmanager
+def _connection(target: Target) -> Iterator[tuple[Connection, bool]]:
+    """The connection to migrate on, and whether this module opened it."""
+    if isinstance(target, Connection):
+        yield target, False
+        return
+    engine = target if isinstance(target, Engine) else make_sync_engine(database_url(target))
+    try:
+        with engine.connect() as conn:
+            yield conn, True
+    finally:
+        if engine is not target:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def _serialised(conn: Connection, owned: bool) -> Iterator[None]:
+    """One migrate at a time per PostgreSQL database; SQLite's write lock does this itself.
+
+    Only on a connection this module opened: a caller's connection is in the caller's
+    transaction, which we must not commit.
+    """
+    if not owned or conn.dialect.name != "postgresql":
+        yield
+        return
+    conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+        conn.commit()
+
+
+@contextlib.contextmanager
+def _alembic_errors() -> Iterator[None]:
+    """Alembic's own errors (unknown revision, ...) as jobrunner errors."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        raise ConfigurationError(f"migration failed: {exc}") from exc
+
+
+def _display(target: Target) -> str:
+    if isinstance(target, Connection | Engine):
+        return display_url(target.engine.url)
+    return display_url(database_url(target))
