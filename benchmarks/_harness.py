@@ -88,7 +88,7 @@ class Measurement:
 
     @property
     def rates(self) -> list[float]:
-        return [self.n / s for s in self.seconds if s > 0]
+        return [self.n / s for s in self.seconds if s > 0] if self.n else []
 
     @property
     def median_seconds(self) -> float:
