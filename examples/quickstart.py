@@ -94,7 +94,9 @@ def main() -> None:
         flaky = runner.run(FlakyWelcomeEmail, {"signup_id": 1})
         print(f"{flaky.job}: {flaky.status} on attempt {flaky.attempt}")
         for attempt in runner.attempts(flaky.id):
-            error = f" ({attempt.error_type}: {attempt.error_message})" if attempt.error_type else ""
+            error = ""
+            if attempt.error_type:
+                error = f" ({attempt.error_type}: {attempt.error_message})"
             print(f"  attempt {attempt.number}: {attempt.status}{error}")
 
         with runner.engine.connect() as conn:
