@@ -93,7 +93,7 @@ class AttemptState:
         *,
         worker: str,
         triggered_by: str,
-        idempotency_key: str | None = None,
+        external_id: str | None = None,
     ) -> AttemptState:
         """A new execution run in this process: its row is inserted running by load."""
         now = utcnow()
@@ -104,7 +104,8 @@ class AttemptState:
             execution_id=lease.execution_id,
             now=now,
             triggered_by=triggered_by,
-            idempotency_key=idempotency_key,
+            idempotency_key=None,
+            external_id=external_id,
         )
         row.update(
             status=ExecutionStatus.RUNNING.value,
@@ -286,6 +287,7 @@ def new_row(
     idempotency_key: str | None,
     external_id: str | None = None,
     due_at: datetime | None = None,
+    concurrency_key: str | None = None,
 ) -> dict[str, Any]:
     """A fresh pending execution row."""
     return {
@@ -302,7 +304,7 @@ def new_row(
         "worker": None,
         "lease_token": 0,
         "idempotency_key": idempotency_key,
-        "concurrency_key": None,
+        "concurrency_key": concurrency_key,
         "cancel_requested": False,
         "created_at": now,
         "next_retry_at": due_at,

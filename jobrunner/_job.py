@@ -78,7 +78,9 @@ class PhasedJob:
     ``Args`` (a pydantic model validating the arguments), ``Result`` (optional pydantic
     model the checkpointed result is validated into before ``record``), ``retry``
     (:class:`RetryPolicy`), ``timeout`` (seconds for execute), ``load_timeout``,
-    ``record_timeout``. Pass ``abstract=True`` in the class statement for shared bases.
+    ``record_timeout``, ``max_concurrency`` (at most this many executions of the job run
+    at once, per :meth:`concurrency_key`). Pass ``abstract=True`` in the class statement
+    for shared bases.
 
     Module-level job classes register themselves in the default registry when defined
     (``register=False`` in the class statement opts out); importing the module that
@@ -93,6 +95,7 @@ class PhasedJob:
     timeout: ClassVar[float | None] = None
     load_timeout: ClassVar[float | None] = None
     record_timeout: ClassVar[float | None] = None
+    max_concurrency: ClassVar[int | None] = None
     spec: ClassVar[JobSpec]
 
     _context: JobContext | None = None
@@ -120,6 +123,11 @@ class PhasedJob:
             )
         for attr in ("timeout", "load_timeout", "record_timeout"):
             _check_positive(cls, attr)
+        limit = cls.max_concurrency
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise JobDefinitionError(
+                f"{cls.__qualname__}.max_concurrency must be a positive int or None, got {limit!r}"
+            )
         for attr in ("Args", "Result"):
             model = getattr(cls, attr)
             if model is not None and not (
@@ -188,7 +196,23 @@ class PhasedJob:
             )
         return self._context
 
+    @classmethod
+    def concurrency_key(cls, args: Any) -> str | None:
+        """Split ``max_concurrency`` by a key from the args (e.g. one per customer).
+
+        The default, None, makes every execution of the job share one limit.
+        """
+        return None
+
     # -- argument and result handling (used by the runners) ----------------------------
+
+    @classmethod
+    def concurrency_key_for(cls, args: Any) -> str | None:
+        """The stored concurrency key of an execution with ``args`` (None: unlimited)."""
+        if cls.max_concurrency is None:
+            return None
+        sub = cls.concurrency_key(args)
+        return cls.name if sub is None else f"{cls.name}:{sub}"
 
     @classmethod
     def validate_args(cls, args: Any) -> tuple[Any, dict[str, Any]]:

@@ -12,11 +12,25 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, bindparam, delete, false, func, insert, select, true, tuple_
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    true,
+    tuple_,
+)
 from sqlalchemy import update as sa_update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ._records import Attempt, Execution, JobStats
 from ._schema import CLAIMABLE_STATUSES, ExecutionStatus, attempts, executions, metadata
@@ -72,6 +86,26 @@ def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
     conn.execute(_INSERT, dict(values))
 
 
+def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
+    """Insert an execution with an idempotency key, or return the id already holding it.
+
+    ``INSERT ... ON CONFLICT DO NOTHING`` on the unique key, so concurrent submitters
+    race safely: exactly one row is created, everybody gets its id.
+    """
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        dialect_insert(executions)
+        .values(dict(values))
+        .on_conflict_do_nothing(index_elements=[E.idempotency_key])
+        .returning(E.id)
+    )
+    inserted = conn.execute(stmt).scalar()
+    if inserted is not None:
+        return uuid.UUID(str(inserted))
+    existing = select(E.id).where(E.idempotency_key == values["idempotency_key"])
+    return uuid.UUID(str(conn.execute(existing).scalar_one()))
+
+
 def find_by_idempotency_key(conn: Connection, key: str) -> Execution | None:
     """The execution submitted earlier with ``key``, if any."""
     row = conn.execute(select(executions).where(E.idempotency_key == key)).mappings().first()
@@ -105,9 +139,21 @@ _CLAIM_ONE = (
 
 
 def claim(
-    conn: Connection, execution_id: uuid.UUID, *, worker: str, now: datetime, phase: str
+    conn: Connection,
+    execution_id: uuid.UUID,
+    *,
+    worker: str,
+    now: datetime,
+    phase: str,
+    concurrency: tuple[str, int] | None = None,
 ) -> dict[str, Any] | None:
-    """Move a pending/retrying execution to running for ``worker``; None if not claimable."""
+    """Move a pending/retrying execution to running for ``worker``; None if not claimable.
+
+    With ``concurrency=(key, limit)`` the claim also fails while ``limit`` executions with
+    that concurrency key are running (the execution then stays pending).
+    """
+    if concurrency is not None and _capacity(conn, *concurrency) < 1:
+        return None
     row = (
         conn.execute(
             _CLAIM_ONE, {"eid": execution_id, "worker": worker, "now": now, "phase": phase}
@@ -118,30 +164,73 @@ def claim(
     return dict(row) if row else None
 
 
+def _lock_key(conn: Connection, key: str) -> None:
+    """Serialise claims of one concurrency key until this transaction ends.
+
+    PostgreSQL: a transaction-scoped advisory lock on the key's hash. SQLite needs none:
+    every write transaction already holds the database's write lock (BEGIN IMMEDIATE).
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+
+
+def _capacity(conn: Connection, key: str, limit: int) -> int:
+    """How many more executions with ``key`` may start now (takes the key's lock)."""
+    _lock_key(conn, key)
+    running = conn.execute(
+        select(func.count()).where(E.status == RUNNING, E.concurrency_key == key)
+    ).scalar_one()
+    return limit - int(running)
+
+
+def _saturated(conn: Connection, limits: Mapping[str, int]) -> list[str]:
+    """Concurrency keys of limited jobs that are at their limit right now (a hint only)."""
+    if not limits:
+        return []
+    stmt = (
+        select(E.job, E.concurrency_key, func.count())
+        .where(E.status == RUNNING, E.job.in_(list(limits)), E.concurrency_key.is_not(None))
+        .group_by(E.job, E.concurrency_key)
+    )
+    return [key for job, key, n in conn.execute(stmt) if n >= limits[job]]
+
+
 def claim_due(
-    conn: Connection, *, worker: str, now: datetime, limit: int, jobs: Sequence[str]
+    conn: Connection,
+    *,
+    worker: str,
+    now: datetime,
+    limit: int,
+    jobs: Sequence[str],
+    limits: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Claim up to ``limit`` executions whose ``next_retry_at`` has come.
 
     On PostgreSQL the candidates are locked with ``FOR UPDATE SKIP LOCKED``, so workers
     calling this at once each get different executions and nobody waits. SQLite
     serialises writers (BEGIN IMMEDIATE), which gives the same guarantee. Only
-    executions of ``jobs`` (names this worker can run) are taken.
+    executions of ``jobs`` (names this worker can run) are taken, and jobs in ``limits``
+    (name -> max_concurrency) never get more running executions per concurrency key.
     """
     if not jobs:
         return []
+    limits = limits or {}
+    where = [_CLAIMABLE, E.next_retry_at <= now, E.job.in_(list(jobs))]
+    saturated = _saturated(conn, limits)
+    if saturated:  # don't let executions waiting for a slot starve the others
+        where.append(or_(E.concurrency_key.is_(None), E.concurrency_key.not_in(saturated)))
     # Lock the candidates first, then update exactly those ids. A single
     # `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` is not safe:
     # PostgreSQL may re-run the subquery, and each run skips the rows the last one locked,
     # so far more than ``limit`` rows get claimed.
     due = (
-        select(E.id)
-        .where(_CLAIMABLE, E.next_retry_at <= now, E.job.in_(list(jobs)))
+        select(E.id, E.job, E.concurrency_key)
+        .where(*where)
         .order_by(E.next_retry_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    ids = list(conn.execute(due).scalars())
+    ids = _within_limits(conn, conn.execute(due).all(), limits)
     if not ids:
         return []
     stmt = (
@@ -152,6 +241,23 @@ def claim_due(
     )
     rows = conn.execute(stmt, {"worker": worker, "now": now}).mappings().all()
     return [dict(r) for r in rows]
+
+
+def _within_limits(
+    conn: Connection, candidates: Sequence[Any], limits: Mapping[str, int]
+) -> list[uuid.UUID]:
+    """The candidate ids that fit their job's concurrency limit (keys locked in order)."""
+    free: list[uuid.UUID] = []
+    by_key: dict[str, list[uuid.UUID]] = {}
+    for execution_id, job, key in candidates:
+        if job in limits and key is not None:
+            by_key.setdefault(key, []).append(execution_id)
+        else:
+            free.append(execution_id)
+    for key in sorted(by_key):  # a fixed order: two claimers never wait on each other
+        job = next(j for _, j, k in candidates if k == key)
+        free.extend(by_key[key][: max(0, _capacity(conn, key, limits[job]))])
+    return free
 
 
 # -- writes an attempt makes while it holds the lease -----------------------------------
@@ -320,6 +426,63 @@ def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
     """Delete executions (their attempts go with them)."""
     conn.execute(delete(attempts).where(attempts.c.execution_id.in_(ids)))
     return conn.execute(delete(executions).where(E.id.in_(ids))).rowcount
+
+
+def reap(
+    conn: Connection, *, now: datetime, lease_timeout: float, limit: int
+) -> list[Execution]:
+    """Recover executions whose worker died, and say so in their ledger.
+
+    Running executions whose heartbeat is older than ``lease_timeout`` seconds are
+    abandoned: their attempt gets an ``abandoned`` ledger row and their lease token moves
+    on, so the old worker, if it is only paused, can no longer write. Those, and
+    executions an interrupted worker left ``abandoned``, then go to ``retrying`` (due now;
+    a checkpointed one resumes at record) while attempts remain, else to ``failed``.
+    Candidates are locked with SKIP LOCKED, so many reapers can run at once.
+    """
+    cutoff = now - timedelta(seconds=lease_timeout)
+    stale = (
+        select(E.id, E.status, E.attempt, E.max_attempts, E.worker, E.heartbeat_at, E.phase,
+               E.triggered_by, E.started_at)
+        .where(or_(and_(E.status == RUNNING, E.heartbeat_at < cutoff),
+                   E.status == ExecutionStatus.ABANDONED.value))
+        .order_by(E.heartbeat_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    reaped = []
+    for row in conn.execute(stale).mappings().all():
+        values: dict[str, Any] = {"lease_token": E.lease_token + 1, "worker": None}
+        if row["status"] == RUNNING:
+            beat = row["heartbeat_at"]
+            last = f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat is not None else "never"
+            message = (
+                f"worker {row['worker']} stopped heartbeating (last beat {last}, lease "
+                f"{lease_timeout:g}s); attempt {row['attempt']} was abandoned"
+            )
+            conn.execute(insert(attempts), {
+                "execution_id": row["id"], "number": row["attempt"],
+                "status": ExecutionStatus.ABANDONED.value, "phase": row["phase"],
+                "resumed_from": "unknown", "worker": row["worker"],
+                "triggered_by": row["triggered_by"],
+                "started_at": row["heartbeat_at"] or row["started_at"] or now,
+                "finished_at": now, "error_type": "jobrunner.WorkerLost",
+                "error_message": message,
+            })
+            values.update(error_type="jobrunner.WorkerLost", error_message=message,
+                          error_traceback=None)
+        if row["attempt"] < row["max_attempts"]:
+            values.update(status=ExecutionStatus.RETRYING.value, next_retry_at=now,
+                          finished_at=None)
+        else:
+            values.update(status=ExecutionStatus.FAILED.value, finished_at=now,
+                          next_retry_at=None)
+        updated = conn.execute(
+            sa_update(executions).where(E.id == row["id"]).values(values).returning(executions)
+        ).mappings().first()
+        if updated is not None:
+            reaped.append(Execution.from_row(updated))
+    return reaped
 
 
 # -- housekeeping and statistics (prune, stats, id prefixes) --------------------------------

@@ -122,6 +122,7 @@ class _RunnerBase:
     """What both runners share that does no I/O."""
 
     _runner_name = "runner"
+    _heartbeat_interval: float
 
     def __init__(
         self,
@@ -152,7 +153,7 @@ class _RunnerBase:
         due: bool,
     ) -> tuple[type[PhasedJob], dict[str, Any]]:
         job_cls = self.registry.resolve(job)
-        _, args_json = job_cls.validate_args(args)
+        args_value, args_json = job_cls.validate_args(args)
         row = new_row(
             job_cls,
             args_json,
@@ -162,24 +163,52 @@ class _RunnerBase:
             idempotency_key=idempotency_key,
             external_id=external_id,
             due_at=utcnow() if due else None,
+            concurrency_key=job_cls.concurrency_key_for(args_value),
         )
         return job_cls, row
 
     def _inline(
-        self, job: JobRef, args: Any, *, triggered_by: str, idempotency_key: str | None
+        self, job_cls: type[PhasedJob], args: Any, *, triggered_by: str, external_id: str | None
     ) -> AttemptState:
-        job_cls = self.registry.resolve(job)
-        self._check_runnable(job_cls)
         args_value, args_json = job_cls.validate_args(args)
         state = AttemptState.inline(
             job_cls,
             args_json,
             worker=self.worker_id,
             triggered_by=triggered_by,
-            idempotency_key=idempotency_key,
+            external_id=external_id,
         )
         state.args_value = args_value
         return state
+
+    def _run_target(self, job: JobRef, idempotency_key: str | None) -> tuple[type[PhasedJob], bool]:
+        """The job class for ``run``, and whether its row must be submitted first.
+
+        With an idempotency key or a concurrency limit the row has to exist (race-safe)
+        before the execution may claim a slot; otherwise ``run`` inserts it already
+        running, saving a transaction.
+        """
+        job_cls = self.registry.resolve(job)
+        self._check_runnable(job_cls)
+        return job_cls, idempotency_key is not None or job_cls.max_concurrency is not None
+
+    def _concurrency(self, job_cls: type[PhasedJob], execution: Execution) -> tuple[str, int] | None:
+        if job_cls.max_concurrency is None or execution.concurrency_key is None:
+            return None
+        return execution.concurrency_key, job_cls.max_concurrency
+
+    def _limits(self) -> dict[str, int]:
+        return {
+            job.name: job.max_concurrency
+            for job in self.registry
+            if job.max_concurrency is not None and self._can_run(job)
+        }
+
+    def _lease_timeout(self, lease_timeout: float | None) -> float:
+        seconds = 3 * self._heartbeat_interval if lease_timeout is None else lease_timeout
+        if seconds <= 0:
+            raise ConfigurationError("lease_timeout must be a positive number of seconds")
+        return seconds
 
     def _check_runnable(self, job_cls: type[PhasedJob]) -> None:
         """Refuse jobs this runner cannot run (JobRunner: async phases)."""
@@ -218,6 +247,17 @@ class _RunnerBase:
             extra=_extra(state),
         )
         state.prepare_retry()
+
+    def _log_reaped(self, reaped: builtins.list[Execution]) -> None:
+        for execution in reaped:
+            logger.warning(
+                "reaped execution %s of %s: %s; now %s",
+                execution.id,
+                execution.job,
+                execution.error_message,
+                execution.status,
+                extra={"execution_id": str(execution.id), "job": execution.job},
+            )
 
     def _scheduled(self, execution: Execution | None) -> None:
         """A long retry wait ended the run: tell the integration (Celery: a countdown)."""
@@ -338,6 +378,7 @@ class JobRunner(_RunnerBase):
         )
         self.url = display_url(self.engine.url)
         self._phases = SyncPhases(self.engine, self.url)
+        self._heartbeat_interval = _interval(heartbeat_interval)
         self._heartbeat = SyncHeartbeat(
             self._inflight, self._phases.tx, _interval(heartbeat_interval)
         )
@@ -387,9 +428,7 @@ class JobRunner(_RunnerBase):
         )
         with self._phases.tx() as conn:
             if idempotency_key is not None:
-                existing = q.find_by_idempotency_key(conn, idempotency_key)
-                if existing is not None:
-                    return existing.id
+                return q.insert_unique(conn, row)
             q.insert_execution(conn, row)
         return uuid.UUID(str(row["id"]))
 
@@ -400,18 +439,22 @@ class JobRunner(_RunnerBase):
         *,
         idempotency_key: str | None = None,
         triggered_by: str = "inline",
+        external_id: str | None = None,
     ) -> Execution:
         """Submit and run inline, retrying per the job's policy; returns the execution.
 
         A failed job does not raise: the returned execution says ``failed`` and why
-        (call :meth:`Execution.raise_for_status` to turn that into an exception).
+        (call :meth:`Execution.raise_for_status` to turn that into an exception). With
+        an ``idempotency_key`` already used, the existing execution is returned (and run
+        if it is still pending). A job at its ``max_concurrency`` stays ``pending``.
         """
-        if idempotency_key is not None:
-            existing = self._existing(idempotency_key)
-            if existing is not None:
-                return existing
+        job_cls, submit_first = self._run_target(job, idempotency_key)
+        if submit_first:
+            return self.run_execution(self.submit(
+                job_cls, args, idempotency_key=idempotency_key, triggered_by=triggered_by,
+                external_id=external_id))
         return self._drive(
-            self._inline(job, args, triggered_by=triggered_by, idempotency_key=idempotency_key)
+            self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
 
     def run_execution(self, execution_id: IdLike) -> Execution:
@@ -423,13 +466,18 @@ class JobRunner(_RunnerBase):
         job_cls = self._claimable(current)
         if job_cls is None:
             return current
-        return self._claim_and_drive(job_cls, current.id)
+        return self._claim_and_drive(job_cls, current)
 
     def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
         """Claim and run executions whose time has come (retries, plain submits)."""
         with self._phases.tx() as conn:
             rows = q.claim_due(
-                conn, worker=self.worker_id, now=utcnow(), limit=limit, jobs=self._runnable_jobs()
+                conn,
+                worker=self.worker_id,
+                now=utcnow(),
+                limit=limit,
+                jobs=self._runnable_jobs(),
+                limits=self._limits(),
             )
         return [
             self._drive(
@@ -501,6 +549,22 @@ class JobRunner(_RunnerBase):
             )
         return self._retry_result(current.id, execution, current)
 
+    def reap(
+        self, lease_timeout: float | None = None, *, limit: int = 100
+    ) -> builtins.list[Execution]:
+        """Recover executions whose worker died (no heartbeat for ``lease_timeout`` s).
+
+        Each is recorded as an abandoned attempt, then left ``retrying`` (due now, so
+        :meth:`run_due` picks it up, resuming at record if execute was checkpointed) while
+        attempts remain, else ``failed``. The default lease is three heartbeat intervals.
+        Safe to call from many workers at once (SKIP LOCKED on PostgreSQL).
+        """
+        seconds = self._lease_timeout(lease_timeout)
+        with self._phases.tx() as conn:
+            reaped = q.reap(conn, now=utcnow(), lease_timeout=seconds, limit=limit)
+        self._log_reaped(reaped)
+        return reaped
+
     def prune(
         self,
         older_than: datetime | timedelta,
@@ -541,15 +605,18 @@ class JobRunner(_RunnerBase):
     def _can_run(self, job_cls: type[PhasedJob]) -> bool:
         return not job_cls.spec.async_phases
 
-    def _existing(self, idempotency_key: str) -> Execution | None:
+    def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
         with self._phases.tx() as conn:
-            return q.find_by_idempotency_key(conn, idempotency_key)
-
-    def _claim_and_drive(self, job_cls: type[PhasedJob], execution_id: uuid.UUID) -> Execution:
-        with self._phases.tx() as conn:
-            row = q.claim(conn, execution_id, worker=self.worker_id, now=utcnow(), phase="load")
+            row = q.claim(
+                conn,
+                current.id,
+                worker=self.worker_id,
+                now=utcnow(),
+                phase="load",
+                concurrency=self._concurrency(job_cls, current),
+            )
         if row is None:
-            return self.get(execution_id)
+            return self.get(current.id)
         return self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
 
     def _scope(self) -> SessionScope:
@@ -651,6 +718,7 @@ class AsyncJobRunner(_RunnerBase):
         self._sync: SyncPhases | None = None
         self._sync_lock = threading.Lock()
         self._phases = AsyncPhases(self.engine, self.url, self._sync_phases)
+        self._heartbeat_interval = _interval(heartbeat_interval)
         self._heartbeat = AsyncHeartbeat(
             self._inflight, self._phases.tx, _interval(heartbeat_interval)
         )
@@ -708,9 +776,8 @@ class AsyncJobRunner(_RunnerBase):
         )
         async with self._phases.tx() as conn:
             if idempotency_key is not None:
-                existing = await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
-                if existing is not None:
-                    return existing.id
+                eid: uuid.UUID = await conn.run_sync(q.insert_unique, row)
+                return eid
             await conn.run_sync(q.insert_execution, row)
         return uuid.UUID(str(row["id"]))
 
@@ -721,14 +788,16 @@ class AsyncJobRunner(_RunnerBase):
         *,
         idempotency_key: str | None = None,
         triggered_by: str = "inline",
+        external_id: str | None = None,
     ) -> Execution:
         """Submit and run inline, retrying per the job's policy; returns the execution."""
-        if idempotency_key is not None:
-            existing = await self._existing(idempotency_key)
-            if existing is not None:
-                return existing
+        job_cls, submit_first = self._run_target(job, idempotency_key)
+        if submit_first:
+            return await self.run_execution(await self.submit(
+                job_cls, args, idempotency_key=idempotency_key, triggered_by=triggered_by,
+                external_id=external_id))
         return await self._drive(
-            self._inline(job, args, triggered_by=triggered_by, idempotency_key=idempotency_key)
+            self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
 
     async def run_execution(self, execution_id: IdLike) -> Execution:
@@ -737,15 +806,15 @@ class AsyncJobRunner(_RunnerBase):
         job_cls = self._claimable(current)
         if job_cls is None:
             return current
-        return await self._claim_and_drive(job_cls, current.id)
+        return await self._claim_and_drive(job_cls, current)
 
     async def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
         """Claim and run executions whose time has come (retries, plain submits)."""
-        jobs = self._runnable_jobs()
+        jobs, limits = self._runnable_jobs(), self._limits()
         async with self._phases.tx() as conn:
             rows = await conn.run_sync(
                 lambda c: q.claim_due(
-                    c, worker=self.worker_id, now=utcnow(), limit=limit, jobs=jobs
+                    c, worker=self.worker_id, now=utcnow(), limit=limit, jobs=jobs, limits=limits
                 )
             )
         return [
@@ -822,6 +891,18 @@ class AsyncJobRunner(_RunnerBase):
             )
         return self._retry_result(current.id, execution, current)
 
+    async def reap(
+        self, lease_timeout: float | None = None, *, limit: int = 100
+    ) -> builtins.list[Execution]:
+        """Recover executions whose worker died (see :meth:`JobRunner.reap`)."""
+        seconds = self._lease_timeout(lease_timeout)
+        async with self._phases.tx() as conn:
+            reaped: builtins.list[Execution] = await conn.run_sync(
+                lambda c: q.reap(c, now=utcnow(), lease_timeout=seconds, limit=limit)
+            )
+        self._log_reaped(reaped)
+        return reaped
+
     async def prune(
         self,
         older_than: datetime | timedelta,
@@ -866,21 +947,21 @@ class AsyncJobRunner(_RunnerBase):
                 )
             return self._sync
 
-    async def _existing(self, idempotency_key: str) -> Execution | None:
-        async with self._phases.tx() as conn:
-            return await conn.run_sync(q.find_by_idempotency_key, idempotency_key)
-
-    async def _claim_and_drive(
-        self, job_cls: type[PhasedJob], execution_id: uuid.UUID
-    ) -> Execution:
+    async def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
+        concurrency = self._concurrency(job_cls, current)
         async with self._phases.tx() as conn:
             row = await conn.run_sync(
                 lambda c: q.claim(
-                    c, execution_id, worker=self.worker_id, now=utcnow(), phase="load"
+                    c,
+                    current.id,
+                    worker=self.worker_id,
+                    now=utcnow(),
+                    phase="load",
+                    concurrency=concurrency,
                 )
             )
         if row is None:
-            return await self.get(execution_id)
+            return await self.get(current.id)
         return await self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
 
     def _scope(self) -> SessionScope:

@@ -1,0 +1,92 @@
+"""Helpers for testing code that runs on jobrunner.
+
+:class:`InvariantChecker` checks what must hold in an execution store whatever crashes:
+no execution is ``running`` without a live lease, a terminal status never changes
+except through an explicit retry, every attempt is in the ledger, and a succeeded
+execution has its checkpoint. Call :meth:`InvariantChecker.check` as often as you like
+(e.g. while fault-injecting); it remembers what it saw between calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from ._attempt import utcnow
+from ._engine import make_sync_engine
+from ._schema import TERMINAL_STATUSES, ExecutionStatus, attempts, executions
+
+__all__ = ["InvariantChecker"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Seen:
+    status: str
+    attempt: int
+    max_attempts: int
+    triggered_by: str
+
+
+class InvariantChecker:
+    """Checks the execution store at ``database_url`` for broken invariants."""
+
+    def __init__(self, database_url: str | URL, *, lease_timeout: float = 30.0) -> None:
+        self.lease_timeout = lease_timeout
+        self._engine = make_sync_engine(database_url, poolclass=sa.pool.NullPool)
+        self._seen: dict[uuid.UUID, _Seen] = {}
+
+    def check(self) -> list[str]:
+        """Every violation found now (and since the last call), as readable lines."""
+        now = utcnow()
+        # One statement, so the rows and their ledger counts come from one snapshot.
+        ledger_rows = (
+            sa.select(sa.func.count())
+            .where(attempts.c.execution_id == executions.c.id)
+            .scalar_subquery()
+            .label("ledger_rows")
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(executions, ledger_rows)).mappings().all()
+        problems: list[str] = []
+        for row in rows:
+            problems.extend(self._check_row(row, row["ledger_rows"], now))
+        return problems
+
+    def assert_ok(self) -> None:
+        """Raise AssertionError listing every violation, if there is any."""
+        problems = self.check()
+        assert not problems, "jobrunner invariants broken:\n" + "\n".join(problems)
+
+    def close(self) -> None:
+        """Release the checker's database engine."""
+        self._engine.dispose()
+
+    def _check_row(self, row: sa.RowMapping, ledger_rows: int, now: datetime) -> list[str]:
+        eid, status = row["id"], row["status"]
+        problems = []
+        beat = row["heartbeat_at"]
+        if status == ExecutionStatus.RUNNING and (
+            beat is None or now - beat > timedelta(seconds=self.lease_timeout)
+        ):
+            problems.append(f"{eid} is running without a live lease (last heartbeat {beat})")
+        seen = self._seen.get(eid)
+        if seen is not None and seen.status in TERMINAL_STATUSES and status != seen.status:
+            now_seen = (row["attempt"], row["max_attempts"], row["triggered_by"])
+            retried = now_seen != (seen.attempt, seen.max_attempts, seen.triggered_by)
+            if not retried:
+                problems.append(
+                    f"{eid} changed from terminal {seen.status} to {status} without a retry"
+                )
+        self._seen[eid] = _Seen(status, row["attempt"], row["max_attempts"], row["triggered_by"])
+        expected = row["attempt"] - (1 if status == ExecutionStatus.RUNNING else 0)
+        if ledger_rows != expected:
+            problems.append(
+                f"{eid} ({status}) has {ledger_rows} ledger rows for {row['attempt']} attempts"
+            )
+        if status == ExecutionStatus.SUCCEEDED and not (row["checkpointed"] and row["finished_at"]):
+            problems.append(f"{eid} succeeded without a checkpoint or a finish time")
+        return problems
