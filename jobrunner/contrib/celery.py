@@ -1,0 +1,582 @@
+"""Celery integration: one generic task runs every jobrunner execution.
+
+::
+
+    from celery import Celery
+    from jobrunner.contrib.celery import install
+
+    app = Celery("myapp", broker="redis://localhost:6379/0")
+    jobs = install(app, database_url="postgresql+psycopg://app@db/app")
+
+    jobs.enqueue(SendReport, {"report_id": 7})        # in the web process
+    # celery -A myapp worker                            # runs it
+
+``enqueue`` commits the ``pending`` execution first and then sends
+``jobrunner.run_execution(execution_id)``; the Celery task id is the execution's
+``external_id``. In the worker the task reads the row and runs a sync job with
+:class:`~jobrunner.JobRunner` (no event loop anywhere) and an async job on the worker
+process's one event loop, which lives in its own thread from process start to process
+shutdown and owns the process's :class:`~jobrunner.AsyncJobRunner` and its engine.
+Retry waits longer than ``inline_retry_max_wait`` become Celery countdowns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import logging
+import os
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from .. import _queries as q
+from .._attempt import utcnow
+from .._exceptions import ConfigurationError, DatabaseUnavailable, JobNotFound, JobRunnerError
+from .._job import PhasedJob
+from .._records import Execution
+from .._registry import JobRef, Registry, default_registry
+from .._runner import AsyncJobRunner, JobRunner
+
+__all__ = ["RECOMMENDED_SETTINGS", "TASK_NAME", "CeleryJobs", "EnqueueFailed", "install"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The one task every execution runs through.
+TASK_NAME = "jobrunner.run_execution"
+
+#: Applied by :func:`install` as defaults: anything the app configures wins.
+RECOMMENDED_SETTINGS: dict[str, Any] = {
+    # Ack after the run: a worker that dies mid-job leaves the message to be redelivered.
+    "task_acks_late": True,
+    # ...including when the pool process is killed (OOM, SIGKILL).
+    "task_reject_on_worker_lost": True,
+    # Don't hoard messages a busy process can't start (and that another could).
+    "worker_prefetch_multiplier": 1,
+}
+
+_CLAIMABLE = ("pending", "retrying")
+_INSTALL_HINT = "pip install 'jobrunner[celery]'"
+
+#: Retries whose wait ended this run, collected for sending after it (never on the loop).
+_scheduled: contextvars.ContextVar[list[Execution] | None] = contextvars.ContextVar(
+    "jobrunner_celery_scheduled", default=None
+)
+
+
+class EnqueueFailed(JobRunnerError, ConnectionError):
+    """The execution was stored but its Celery message could not be sent.
+
+    The row is marked due, so ``runner.run_due()`` (or a later retry) still runs it.
+    """
+
+    def __init__(self, message: str, execution_id: uuid.UUID) -> None:
+        super().__init__(message)
+        self.execution_id = execution_id
+
+
+def _celery() -> Any:
+    try:
+        import celery
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"jobrunner.contrib.celery needs Celery: {_INSTALL_HINT}"
+        ) from exc
+    return celery
+
+
+# -- the worker process's event loop ------------------------------------------------------
+
+
+class _ProcessLoop:
+    """One event loop for this process, run forever by its own thread."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._main, name="jobrunner-loop", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for it (from any other thread)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. Celery's soft time limit interrupted the wait
+            raise
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop, let its thread close it, and wait for that."""
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+        logger.info("jobrunner: closed the event loop of worker process %d", self.pid)
+
+
+_loop_lock = threading.Lock()
+_process_loop: _ProcessLoop | None = None
+
+
+def process_loop() -> _ProcessLoop:
+    """This process's loop, started on first need (a loop inherited over fork is not ours)."""
+    global _process_loop
+    with _loop_lock:
+        if _process_loop is None or _process_loop.pid != os.getpid():
+            _process_loop = _ProcessLoop()
+            logger.info("jobrunner: started the event loop of worker process %d", os.getpid())
+        return _process_loop
+
+
+def _stop_process_loop() -> None:
+    global _process_loop
+    with _loop_lock:
+        current, _process_loop = _process_loop, None
+    if current is not None and current.pid == os.getpid():
+        current.stop()
+
+
+# -- the handle -----------------------------------------------------------------------------
+
+
+class CeleryJobs:
+    """What :func:`install` returns: enqueue and schedule jobs; the worker side of the task.
+
+    ``runner`` is this process's :class:`~jobrunner.JobRunner` (made on first use and
+    made afresh in a forked child), for ``get``/``list``/``attempts`` and friends.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        database_url: str | None,
+        registry: Registry,
+        runner_options: dict[str, Any],
+    ) -> None:
+        self.app = app
+        self.database_url = database_url
+        self.registry = registry
+        self._user_hook: Callable[[Execution], None] | None = runner_options.pop(
+            "on_retry_scheduled", None
+        )
+        self._options = runner_options
+        self._lock = threading.Lock()
+        self._sync: JobRunner | None = None
+        self._sync_pid = 0
+        self._async: AsyncJobRunner | None = None
+        self._async_loop: _ProcessLoop | None = None
+        self.task: Any = None
+
+    # -- runners, one of each per process ----------------------------------------------------
+
+    @property
+    def runner(self) -> JobRunner:
+        """This process's sync runner (never starts an event loop)."""
+        with self._lock:
+            if self._sync is None or self._sync_pid != os.getpid():
+                if self._sync is not None:
+                    # Inherited over fork: drop the parent's connections without closing them.
+                    self._sync.engine.dispose(close=False)
+                self._sync = JobRunner(
+                    self.database_url,
+                    registry=self.registry,
+                    on_retry_scheduled=self._on_retry_scheduled,
+                    **self._options,
+                )
+                self._sync_pid = os.getpid()
+            return self._sync
+
+    async def _async_runner(self) -> AsyncJobRunner:
+        """This process's async runner, made on (and belonging to) the process loop."""
+        loop = process_loop()
+        if self._async is None or self._async_loop is not loop:
+            self._async = AsyncJobRunner(
+                self.database_url,
+                registry=self.registry,
+                on_retry_scheduled=self._on_retry_scheduled,
+                **self._options,
+            )
+            self._async_loop = loop
+        return self._async
+
+    def close(self) -> None:
+        """Close this process's runners (the worker does this at shutdown)."""
+        loop, runner = self._async_loop, self._async
+        self._async = self._async_loop = None
+        if runner is not None and loop is not None and loop.pid == os.getpid():
+            loop.run(runner.aclose())
+        with self._lock:
+            sync, self._sync = self._sync, None
+        if sync is not None and self._sync_pid == os.getpid():
+            sync.close()
+
+    # -- enqueueing ----------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        countdown: float | None = None,
+        triggered_by: str = "celery",
+        **apply_async_options: Any,
+    ) -> uuid.UUID:
+        """Store a pending execution (its own commit), then send its Celery task.
+
+        Returns the execution id; the Celery task id is the execution's ``external_id``.
+        ``countdown`` and other ``apply_async`` options (``queue``, ``priority``, ``eta``,
+        ...) go to Celery. With an ``idempotency_key`` already used, the first execution's
+        id is returned and nothing is sent. If the broker cannot be reached the row is
+        marked due for ``run_due()`` and :class:`EnqueueFailed` is raised.
+        """
+        runner = self.runner
+        job_cls = self.registry.resolve(job)
+        task_id = str(uuid.uuid4())
+        execution_id = runner.submit(
+            job_cls,
+            args,
+            idempotency_key=idempotency_key,
+            triggered_by=triggered_by,
+            external_id=task_id,
+            due=False,
+        )
+        if idempotency_key is not None and runner.get(execution_id).external_id != task_id:
+            return execution_id  # submitted (and sent) before
+        self._send(
+            execution_id,
+            task_id,
+            _portable_ref(job_cls.name, job_cls.handler),
+            countdown=countdown,
+            **apply_async_options,
+        )
+        return execution_id
+
+    def _send(
+        self,
+        execution_id: uuid.UUID,
+        task_id: str,
+        job_ref: str,
+        *,
+        countdown: float | None,
+        **options: Any,
+    ) -> None:
+        # The job rides along so the worker picks its runner without reading the row first.
+        kwargs = {"job": job_ref}
+        try:
+            self.task.apply_async(
+                (str(execution_id),), kwargs, task_id=task_id, countdown=countdown, **options
+            )
+        except Exception as exc:
+            due_at = utcnow() + dt.timedelta(seconds=countdown or 0)
+            with self.runner.engine.begin() as conn:
+                q.mark_due(conn, execution_id, due_at)
+            raise EnqueueFailed(
+                f"execution {execution_id} is stored but its Celery message could not be "
+                f"sent ({type(exc).__name__}: {exc}); it is marked due at "
+                f"{due_at:%Y-%m-%d %H:%M:%S} UTC, so runner.run_due() will run it",
+                execution_id,
+            ) from exc
+
+    # -- periodic jobs -----------------------------------------------------------------------
+
+    def add_periodic(
+        self,
+        job: JobRef,
+        args: Any = None,
+        *,
+        schedule: Any,
+        name: str | None = None,
+        **apply_async_options: Any,
+    ) -> str:
+        """Add a ``beat_schedule`` entry that runs ``job`` with ``args``; returns its name.
+
+        The job and its arguments are checked now, not at the first tick. ``schedule`` is
+        seconds, a ``timedelta``, or a Celery schedule (``crontab(...)``, ``solar(...)``).
+        Each tick creates one execution (``triggered_by="celery-beat"``) in the worker
+        that receives it; a redelivered tick message does not create a second one.
+        """
+        job_cls = self.registry.resolve(job)
+        _, args_json = job_cls.validate_args(args)
+        entry_name = name or f"jobrunner:{job_cls.name}"
+        entries = dict(self.app.conf.beat_schedule or {})
+        if entry_name in entries:
+            raise ConfigurationError(
+                f"beat_schedule already has an entry named {entry_name!r}; pass name=..."
+            )
+        entries[entry_name] = {
+            "task": TASK_NAME,
+            "schedule": _check_schedule(schedule, entry_name),
+            "kwargs": {"job": _portable_ref(job_cls.name, job_cls.handler), "args": args_json},
+            "options": apply_async_options,
+        }
+        self.app.conf.beat_schedule = entries
+        return entry_name
+
+    # -- the worker side -----------------------------------------------------------------------
+
+    def run_execution(
+        self,
+        execution_id: str | uuid.UUID | None = None,
+        *,
+        job: str | None = None,
+        args: Any = None,
+        task_id: str | None = None,
+        reply: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """What the task does: run one execution here, or create one (beat) and run it.
+
+        ``job`` names the execution's job (messages from :meth:`enqueue` carry it), so
+        the runner is picked without reading the row; without it the row is read first.
+        A finished execution, or one another worker is running, is left alone.
+        """
+        if execution_id is None:
+            execution_id = self._submit_tick(job, args, task_id)
+        eid = uuid.UUID(str(execution_id))
+        job_cls = self._hinted(job)
+        if job_cls is None:
+            current = self.runner.get(eid)
+            if current.status.value not in _CLAIMABLE or current.cancel_requested:
+                return _ignored(current)
+            job_cls = self._resolve_row(current)
+        execution, scheduled = self._run(job_cls, eid)
+        for waiting in scheduled:
+            self._reschedule(waiting, reply or {})
+        return {"execution_id": str(execution.id), "status": execution.status.value}
+
+    def _hinted(self, job: str | None) -> type[PhasedJob] | None:
+        if job is None:
+            return None
+        try:
+            return self.registry.resolve(job)
+        except JobNotFound:
+            return None  # the row says which job it is
+
+    def _resolve_row(self, current: Execution) -> type[PhasedJob]:
+        try:
+            return self.registry.resolve_row(current.job, current.handler)
+        except JobNotFound:
+            self._make_due(current.id)  # for a worker that has the job (run_due)
+            raise
+
+    def _submit_tick(self, job: str | None, args: Any, task_id: str | None) -> uuid.UUID:
+        if job is None:
+            raise ConfigurationError(f"{TASK_NAME} needs an execution id, or job= for beat")
+        return self.runner.submit(
+            job,
+            args,
+            idempotency_key=f"celery:{task_id}" if task_id else None,
+            triggered_by="celery-beat",
+            external_id=task_id,
+            due=False,
+        )
+
+    def _run(
+        self, job_cls: type[PhasedJob], execution_id: uuid.UUID
+    ) -> tuple[Execution, list[Execution]]:
+        if job_cls.spec.async_phases:
+            return process_loop().run(self._run_async(execution_id))
+        scheduled: list[Execution] = []
+        token = _scheduled.set(scheduled)
+        try:
+            return self.runner.run_execution(execution_id), scheduled
+        finally:
+            _scheduled.reset(token)
+
+    async def _run_async(self, execution_id: uuid.UUID) -> tuple[Execution, list[Execution]]:
+        scheduled: list[Execution] = []
+        _scheduled.set(scheduled)  # this coroutine's task has its own context
+        runner = await self._async_runner()
+        return await runner.run_execution(execution_id), scheduled
+
+    def _on_retry_scheduled(self, execution: Execution) -> None:
+        pending = _scheduled.get()
+        if pending is not None:
+            pending.append(execution)  # sent by the task once the run is over
+        else:
+            self._reschedule(execution, {})  # e.g. runner.run_due() outside a task
+        if self._user_hook is not None:
+            self._user_hook(execution)
+
+    def _reschedule(self, execution: Execution, reply: dict[str, Any]) -> None:
+        """Send the execution again with a countdown until its ``next_retry_at``."""
+        due = execution.next_retry_at or utcnow()
+        countdown = max(0.0, (due - utcnow()).total_seconds())
+        task_id = str(uuid.uuid4())
+        with self.runner.engine.begin() as conn:
+            if not q.set_external_id(conn, execution.id, task_id):
+                return  # cancelled or taken meanwhile
+        job_ref = _portable_ref(execution.job, execution.handler)
+        try:
+            self._send(execution.id, task_id, job_ref, countdown=countdown, **reply)
+        except EnqueueFailed:
+            logger.exception("jobrunner: could not schedule the retry of %s", execution.id)
+
+    def _make_due(self, execution_id: uuid.UUID) -> None:
+        with self.runner.engine.begin() as conn:
+            q.mark_due(conn, execution_id, utcnow())
+
+    # -- worker lifecycle (signals) --------------------------------------------------------
+
+    def _register_task(self) -> None:
+        handle = self
+
+        def run_execution(
+            task: Any,
+            execution_id: str | None = None,
+            *,
+            job: str | None = None,
+            args: Any = None,
+        ) -> dict[str, Any]:
+            """Run one jobrunner execution (or, from beat, create one and run it)."""
+            request = task.request
+            return handle.run_execution(
+                execution_id, job=job, args=args, task_id=request.id, reply=_reply(request)
+            )
+
+        self.task = self.app.task(
+            run_execution,
+            name=TASK_NAME,
+            bind=True,
+            shared=False,  # shared tasks join every app: each app's task must be its own
+            ignore_result=True,
+            autoretry_for=(DatabaseUnavailable,),
+            retry_backoff=True,
+            retry_backoff_max=300,
+            max_retries=12,
+        )
+
+
+def _reply(request: Any) -> dict[str, Any]:
+    """Where a retry goes: the exchange and routing key this message came by."""
+    info = getattr(request, "delivery_info", None) or {}
+    options = {"exchange": info.get("exchange"), "routing_key": info.get("routing_key")}
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _ignored(current: Execution) -> dict[str, Any]:
+    logger.info(
+        "jobrunner: execution %s is %s; message ignored",
+        current.id,
+        current.status.value,
+        extra={"execution_id": str(current.id), "job": current.job},
+    )
+    return {"execution_id": str(current.id), "status": current.status.value}
+
+
+def _portable_ref(name: str, handler: str) -> str:
+    """The handler path if another process can import it, else the job's name."""
+    return name if "<locals>" in handler else handler
+
+
+def _check_schedule(schedule: Any, entry: str) -> Any:
+    if isinstance(schedule, bool) or not (
+        isinstance(schedule, int | float | dt.timedelta) or hasattr(schedule, "is_due")
+    ):
+        raise ConfigurationError(
+            f"beat entry {entry!r}: schedule must be seconds, a timedelta or a Celery "
+            f"schedule such as crontab(...), got {schedule!r}"
+        )
+    seconds = schedule.total_seconds() if isinstance(schedule, dt.timedelta) else schedule
+    if isinstance(seconds, int | float) and seconds <= 0:
+        raise ConfigurationError(f"beat entry {entry!r}: schedule must be positive")
+    return schedule
+
+
+# -- signals ------------------------------------------------------------------------------
+
+_handles: weakref.WeakSet[CeleryJobs] = weakref.WeakSet()
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """Threads pool: start the loop now. Prefork waits for each child; solo is told below."""
+    from celery.concurrency import get_implementation
+
+    pool_cls = get_implementation(getattr(sender, "pool_cls", "prefork"))
+    if pool_cls.__module__.rpartition(".")[2] == "thread":
+        process_loop()
+
+
+def _on_process_init(**_: Any) -> None:
+    """A prefork child (after fork) or the solo pool: this process's loop starts now."""
+    process_loop()
+
+
+def _on_shutdown(**_: Any) -> None:
+    """Close every runner of this process, then its loop."""
+    for handle in list(_handles):
+        try:
+            handle.close()
+        except Exception:
+            logger.exception("jobrunner: closing the runners failed")
+    _stop_process_loop()
+
+
+def _connect_signals() -> None:
+    from celery import signals
+
+    signals.worker_init.connect(_on_worker_init, weak=False, dispatch_uid="jobrunner-init")
+    signals.worker_process_init.connect(
+        _on_process_init, weak=False, dispatch_uid="jobrunner-process-init"
+    )
+    for signal in (signals.worker_process_shutdown, signals.worker_shutdown):
+        signal.connect(_on_shutdown, weak=False, dispatch_uid=f"jobrunner-{signal.name}")
+
+
+def install(
+    app: Any,
+    *,
+    database_url: str | None = None,
+    registry: Registry | None = None,
+    **runner_options: Any,
+) -> CeleryJobs:
+    """Register ``jobrunner.run_execution`` on ``app``; returns the :class:`CeleryJobs` handle.
+
+    ``database_url`` (default ``JOBRUNNER_DATABASE_URL``) is the execution store;
+    ``runner_options`` go to both runners (``inline_retry_max_wait`` defaults to 1 s
+    here: longer retry waits become Celery countdowns). :data:`RECOMMENDED_SETTINGS`
+    are added as defaults, so anything the app configures itself wins.
+    """
+    _celery()
+    if "engine" in runner_options:
+        raise ConfigurationError(
+            "install(engine=...) is not supported: each worker process makes its own "
+            "engines after fork; pass database_url= and engine options instead"
+        )
+    runner_options.setdefault("inline_retry_max_wait", 1.0)
+    handle = CeleryJobs(
+        app,
+        database_url=database_url,
+        registry=registry if registry is not None else default_registry,
+        runner_options=runner_options,
+    )
+    app.add_defaults(dict(RECOMMENDED_SETTINGS))
+    handle._register_task()
+    _handles.add(handle)
+    _connect_signals()
+    return handle
