@@ -7,10 +7,12 @@ only. :func:`jobrunner.migrate` hands this script its connection through
 revision), it connects to ``JOBRUNNER_DATABASE_URL`` or ``sqlalchemy.url``::
 
     alembic -c jobrunner/migrations/alembic.ini revision --autogenerate \\
-        --rev-id 0002 -m "what changed"
+        --rev-id jobrunner_0002 -m "what changed"
 """
 
 from __future__ import annotations
+
+import os
 
 from alembic import context
 from sqlalchemy import Connection
@@ -19,6 +21,15 @@ from jobrunner._engine import database_url, make_sync_engine, parse_url
 from jobrunner._migrate import context_options
 
 config = context.config
+
+
+def _configured_url() -> str:
+    """For the plain ``alembic`` command: the environment first, then alembic.ini."""
+    return str(
+        database_url(
+            os.environ.get("JOBRUNNER_DATABASE_URL") or config.get_main_option("sqlalchemy.url")
+        )
+    )
 
 
 def _run_online(connection: Connection) -> None:
@@ -32,9 +43,7 @@ def _run_online(connection: Connection) -> None:
 
 
 def _run_offline() -> None:
-    url = config.attributes.get("url") or parse_url(
-        database_url(config.get_main_option("sqlalchemy.url")), is_async=False
-    )
+    url = config.attributes.get("url") or parse_url(_configured_url(), is_async=False)
     context.configure(url=url, literal_binds=True, **context_options(url.get_backend_name()))
     with context.begin_transaction():
         context.run_migrations()
@@ -48,7 +57,7 @@ def _main() -> None:
     if connection is not None:
         _run_online(connection)
         return
-    engine = make_sync_engine(database_url(config.get_main_option("sqlalchemy.url")))
+    engine = make_sync_engine(_configured_url())
     try:
         with engine.connect() as connection:
             _run_online(connection)

@@ -1,6 +1,6 @@
 """Initial schema: jobrunner_executions and jobrunner_attempts.
 
-Revision ID: 0001
+Revision ID: jobrunner_0001
 Revises:
 Create Date: 2024-06-01
 """
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0001"
+revision: str = "jobrunner_0001"
 down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = ("jobrunner",)
 depends_on: str | Sequence[str] | None = None

@@ -1,0 +1,212 @@
+"""Alembic migrations: they build exactly the models' schema on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+
+import jobrunner
+from jobrunner import ConfigurationError, JobRunner, Registry
+from jobrunner._migrate import VERSION_TABLE, alembic_config, head_revision, migration_sql
+
+from ._services import scratch_database
+from .jobs import Greet
+
+JOBRUNNER_TABLES = {"jobrunner_executions", "jobrunner_attempts"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables at all: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    with scratch_database(request.getfixturevalue("pg_server")) as url:
+        yield url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def _engine(url: str) -> sa.Engine:
+    return sa.create_engine(url, poolclass=sa.pool.NullPool)
+
+
+def _differences(url: str) -> list[object]:
+    """What autogenerate would change to make the database match ``jobrunner.metadata``."""
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(
+                conn,
+                opts={
+                    "compare_type": True,
+                    "version_table": VERSION_TABLE,
+                    "include_name": lambda name, type_, _: (
+                        type_ != "table" or name.startswith("jobrunner_")
+                    ),
+                },
+            )
+            return list(compare_metadata(context, jobrunner.metadata))
+    finally:
+        engine.dispose()
+
+
+def _tables(url: str) -> set[str]:
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            return set(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _version(url: str) -> list[str]:
+    engine = _engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+    finally:
+        engine.dispose()
+
+
+def test_migrate_builds_the_models_schema_exactly(empty_url: str) -> None:
+    """After migrate, Alembic autogenerate finds no difference from jobrunner.metadata."""
+    steps: list[tuple[str, str]] = []
+    applied = jobrunner.migrate(empty_url, on_step=lambda rev, doc: steps.append((rev, doc)))
+    assert applied == [head_revision()] == [rev for rev, _ in steps]
+    assert _tables(empty_url) >= {*JOBRUNNER_TABLES, VERSION_TABLE}
+    assert _differences(empty_url) == []
+    assert _version(empty_url) == [head_revision()]
+
+
+def test_migrating_twice_is_a_noop(empty_url: str) -> None:
+    """A second migrate applies nothing and keeps the rows already stored."""
+    jobrunner.migrate(empty_url)
+    with JobRunner(empty_url, registry=Registry()) as runner:
+        execution = runner.run(Greet, {"who": "twice"})
+    assert jobrunner.migrate(empty_url) == []
+    with JobRunner(empty_url, registry=Registry()) as runner:
+        assert runner.get(execution.id).succeeded
+    assert _version(empty_url) == [head_revision()]
+
+
+def test_tables_from_create_schema_are_adopted(empty_url: str) -> None:
+    """Tables made by create_schema() are stamped, not created again, then migrate is a no-op."""
+    with JobRunner(empty_url, registry=Registry()) as runner:
+        runner.create_schema()
+        execution = runner.run(Greet, {"who": "adopted"})
+    assert jobrunner.migrate(empty_url) == [head_revision()]
+    assert _version(empty_url) == [head_revision()]
+    assert jobrunner.migrate(empty_url) == []
+    with JobRunner(empty_url, registry=Registry()) as runner:
+        assert runner.get(execution.id).succeeded
+
+
+def test_foreign_tables_with_our_name_are_refused(empty_url: str) -> None:
+    """Tables named like ours but shaped differently stop migrate with a clear error."""
+    engine = _engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE jobrunner_executions (id INTEGER PRIMARY KEY)"))
+    engine.dispose()
+    with pytest.raises(ConfigurationError, match="differ from this version's schema"):
+        jobrunner.migrate(empty_url)
+    assert VERSION_TABLE not in _tables(empty_url)
+
+
+def test_the_applications_own_alembic_history_is_untouched(empty_url: str) -> None:
+    """jobrunner records itself in its own version table, never in alembic_version."""
+    engine = _engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO alembic_version VALUES ('app_head_1234')"))
+    jobrunner.migrate(empty_url)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
+            ("app_head_1234",)
+        ]
+    engine.dispose()
+    assert _version(empty_url) == [head_revision()]
+
+
+def test_migrate_accepts_an_engine_and_downgrades_to_nothing(empty_url: str) -> None:
+    """migrate(engine) works, and the revision's downgrade drops every jobrunner table."""
+    engine = _engine(empty_url)
+    try:
+        assert jobrunner.migrate(engine) == [head_revision()]
+        config = alembic_config()
+        with engine.connect() as conn:
+            config.attributes["connection"] = conn
+            command.downgrade(config, "base")
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert not _tables(empty_url) & JOBRUNNER_TABLES
+
+
+def test_embedding_in_the_applications_alembic_via_version_locations(
+    empty_url: str, tmp_path: Path
+) -> None:
+    """The documented multi-base setup: the app's Alembic upgrades 'heads' and gets our tables."""
+    app_dir = tmp_path / "app_migrations"
+    (app_dir / "versions").mkdir(parents=True)
+    (app_dir / "env.py").write_text(
+        textwrap.dedent(
+            """
+            from alembic import context
+
+            connection = context.config.attributes["connection"]
+            context.configure(connection=connection, target_metadata=None)
+            with context.begin_transaction():
+                context.run_migrations()
+            """
+        )
+    )
+    (app_dir / "versions" / "app_0001_notes.py").write_text(
+        textwrap.dedent(
+            """
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = "app_0001"
+            down_revision = None
+            branch_labels = ("app",)
+            depends_on = None
+
+            def upgrade():
+                op.create_table("app_notes", sa.Column("id", sa.Integer, primary_key=True))
+
+            def downgrade():
+                op.drop_table("app_notes")
+            """
+        )
+    )
+    config = Config()
+    config.set_main_option("script_location", str(app_dir))
+    config.set_main_option("path_separator", "space")
+    config.set_main_option(
+        "version_locations", f"{app_dir / 'versions'} jobrunner:migrations/versions"
+    )
+    engine = _engine(empty_url)
+    try:
+        with engine.connect() as conn:
+            config.attributes["connection"] = conn
+            command.upgrade(config, "heads")
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert _tables(empty_url) >= {"app_notes", *JOBRUNNER_TABLES, "alembic_version"}
+    assert _differences(empty_url) == []
+
+
+def test_offline_sql_for_review() -> None:
+    """migrate --sql's text creates both tables and the version table, without connecting."""
+    sql = migration_sql("postgresql+psycopg://nobody@127.0.0.1:1/nowhere")
+    for table in (*JOBRUNNER_TABLES, VERSION_TABLE):
+        assert f"CREATE TABLE {table}" in sql
+    assert "JSONB" in sql
