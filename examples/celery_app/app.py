@@ -1,6 +1,6 @@
 """The example Celery app: ``install`` registers jobrunner's one task; beat adds a tick.
 
-To run (from this folder, with Redis on localhost and the virtualenv active)::
+To run: from this folder, with Redis on localhost and the virtualenv active::
 
     celery -A app worker --pool=prefork --concurrency=2 --loglevel=INFO   # the worker
     celery -A app beat --loglevel=INFO                                    # periodic jobs
@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-
-from jobrunner.contrib.celery import install
 from jobs import CountWords
 
-app = Celery("celery_example", broker=os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0"))
+from jobrunner.contrib.celery import install
+
+broker = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
+app = Celery("celery_example", broker=broker)
 app.conf.task_default_queue = os.environ.get("CELERY_QUEUE", "jobrunner-example")
 
 queue = install(
@@ -28,4 +29,6 @@ queue = install(
 )
 
 # Every minute beat sends a tick; the worker that receives it creates and runs an execution.
-queue.add_periodic(CountWords, {"text": "one more minute"}, schedule=60.0, name="count-every-minute")
+queue.add_periodic(
+    CountWords, {"text": "one more minute"}, schedule=60.0, name="count-every-minute"
+)

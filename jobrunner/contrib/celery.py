@@ -84,9 +84,7 @@ def _celery() -> Any:
     try:
         import celery
     except ImportError as exc:
-        raise ConfigurationError(
-            f"jobrunner.contrib.celery needs Celery: {_INSTALL_HINT}"
-        ) from exc
+        raise ConfigurationError(f"jobrunner.contrib.celery needs Celery: {_INSTALL_HINT}") from exc
     return celery
 
 
