@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from ._services import scratch_database
 from .jobs import Greet
 
 JOBRUNNER_TABLES = {"jobrunner_executions", "jobrunner_attempts"}
+MIGRATIONS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "howto" / "migrations.md"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -210,3 +212,16 @@ def test_offline_sql_for_review() -> None:
     for table in (*JOBRUNNER_TABLES, VERSION_TABLE):
         assert f"CREATE TABLE {table}" in sql
     assert "JSONB" in sql
+
+
+def test_the_migrations_page_python_blocks_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ```python blocks of docs/howto/migrations.md run as written."""
+    blocks = re.findall(r"^```python\n(.*?)^```", MIGRATIONS_PAGE.read_text(), re.S | re.M)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, str(MIGRATIONS_PAGE), "exec"), {})
+    assert head_revision() in capsys.readouterr().out
+    assert _version(f"sqlite:///{tmp_path / 'jobrunner.db'}") == [head_revision()]
