@@ -24,8 +24,8 @@ from ._exceptions import (
     SchemaMissing,
 )
 from ._job import PhasedJob
-from ._monitor import LoopMonitor, monitor_blocking
 from ._migrate import migrate
+from ._monitor import LoopMonitor, monitor_blocking
 from ._records import Attempt, Execution, JobStats
 from ._registry import Registry, default_registry
 from ._retry import TRANSIENT_ERRORS, RetryPolicy
@@ -66,6 +66,6 @@ __all__ = [
     "__version__",
     "default_registry",
     "metadata",
-    "monitor_blocking",
     "migrate",
+    "monitor_blocking",
 ]
