@@ -72,11 +72,25 @@ class AttemptState:
     args_value: Any = None
     phase_started: float = 0.0
     slow_phase_ms: float | None = None
+    concurrency_key: str | None = None
 
     @property
     def execution_id(self) -> uuid.UUID:
         """The execution's id."""
         return self.lease.execution_id
+
+    @property
+    def concurrency(self) -> tuple[str, int] | None:
+        """(key, limit) when the job limits how many of its executions run at once."""
+        limit = self.job_cls.max_concurrency
+        return (
+            None if limit is None or self.concurrency_key is None else (self.concurrency_key, limit)
+        )
+
+    @property
+    def last_attempt(self) -> bool:
+        """True when this run's first attempt is the execution's last allowed one."""
+        return self.number >= self.max_attempts
 
     @property
     def policy(self) -> RetryPolicy:
@@ -141,6 +155,7 @@ class AttemptState:
             triggered_by=row["triggered_by"],
             resume_from="record" if row["checkpointed"] else "load",
             checkpoint=row["result"],
+            concurrency_key=row["concurrency_key"],
         )
 
     def adopt_claim(self, row: dict[str, Any]) -> None:

@@ -7,16 +7,24 @@ from collections.abc import Iterator
 
 from sqlalchemy import exc as sa_exc
 
-from ._exceptions import DatabaseUnavailable, SchemaMissing
+from ._exceptions import ConfigurationError, DatabaseUnavailable, SchemaMissing
 
 _MISSING_TABLE = ("no such table", "does not exist", "undefinedtable")
+_WRONG_LOOP = ("attached to a different loop", "another operation is in progress")
 
 
 def translate(exc: BaseException, url: str) -> Exception | None:
     """A jobrunner error for ``exc`` raised by framework SQL, or None to leave it."""
+    text = str(exc).lower()
+    if any(marker in text for marker in _WRONG_LOOP):
+        return ConfigurationError(
+            "this AsyncJobRunner's async engine belongs to the event loop it first ran on, "
+            "and was used from another loop (asyncpg: 'attached to a different loop' / "
+            "'another operation is in progress'). Create one AsyncJobRunner per event loop "
+            "(e.g. per worker process, inside that process's loop) and aclose() it there."
+        )
     if not isinstance(exc, sa_exc.DBAPIError | sa_exc.InterfaceError):
         return None
-    text = str(exc).lower()
     if "jobrunner_" in text and any(marker in text for marker in _MISSING_TABLE):
         return SchemaMissing(
             f"the jobrunner tables do not exist in {url}; run `jobrunner migrate` "

@@ -1,7 +1,8 @@
 """Every error jobrunner raises derives from :class:`JobRunnerError`.
 
-The tree::
+The tree:
 
+```text
     JobRunnerError
     ├── JobNotFound               (LookupError)   unknown job name or handler path
     ├── ExecutionNotFound         (LookupError)   unknown execution id
@@ -18,6 +19,7 @@ The tree::
     ├── ExecutionCancelled        (RuntimeError)  the execution was cancelled while running
     ├── LoopBlocked               (RuntimeError)  strict loop mode caught a blocking phase
     └── ExecutionFailed           (RuntimeError)  raised by Execution.raise_for_status()
+```
 """
 
 from __future__ import annotations

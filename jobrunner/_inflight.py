@@ -51,15 +51,15 @@ class Running:
     def error(self) -> JobRunnerError:
         """The error the attempt ends with after a signal."""
         state = self.state
+        when = f"during {state.phase}" if state.phase else "before it started"
         if self.reason == "lost":
             return LeaseLost(
                 f"execution {state.execution_id} of {state.job_cls.name!r}: attempt "
-                f"{state.number} lost its lease during {state.phase} (reaped or taken over); "
+                f"{state.number} lost its lease {when} (reaped or taken over); "
                 "it stopped without writing"
             )
         return ExecutionCancelled(
-            f"execution {state.execution_id} of {state.job_cls.name!r} was cancelled "
-            f"during {state.phase}"
+            f"execution {state.execution_id} of {state.job_cls.name!r} was cancelled {when}"
         )
 
     def check(self) -> None:
@@ -90,6 +90,27 @@ class InFlight:
             with self._lock:
                 if self._items.get(key) is running:
                     del self._items[key]
+
+    @contextlib.contextmanager
+    def hold(self, states: list[AttemptState]) -> Iterator[None]:
+        """Keep the leases of claimed executions that wait for their turn alive.
+
+        ``run_due`` claims a batch and runs it one by one: without this, the waiting ones
+        would get no heartbeat, a reaper could take them back, and they would run twice.
+        """
+        with contextlib.ExitStack() as stack:
+            for state in states:
+                stack.enter_context(
+                    self.track(Running(state=state, cancel_event=threading.Event()))
+                )
+            yield
+
+    def running_for(self, state: AttemptState) -> Running:
+        """The in-flight entry already held for ``state``, or a new one."""
+        held = self._items.get(state.execution_id)
+        if held is not None and held.state is state:
+            return held
+        return Running(state=state, cancel_event=threading.Event())
 
     def get(self, execution_id: uuid.UUID) -> Running | None:
         """The in-flight attempt of ``execution_id``, if this runner has one."""

@@ -124,7 +124,9 @@ class PhasedJob:
         for attr in ("timeout", "load_timeout", "record_timeout"):
             _check_positive(cls, attr)
         limit = cls.max_concurrency
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
             raise JobDefinitionError(
                 f"{cls.__qualname__}.max_concurrency must be a positive int or None, got {limit!r}"
             )

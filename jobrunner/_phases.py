@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -80,12 +80,22 @@ class SyncPhases:
         self.url = url
         self.phase_sessions = sessionmaker(engine, class_=PhaseSession, expire_on_commit=False)
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+        self._autocommit = _autocommit(engine)
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[Connection]:
-        """One framework transaction; driver errors become jobrunner errors."""
-        with framework_sql(self.url), self.engine.begin() as conn:
-            yield conn
+    def tx(self, *, single: bool = False) -> Iterator[Connection]:
+        """One framework transaction; driver errors become jobrunner errors.
+
+        ``single``: the caller runs one statement (atomic by itself), so on PostgreSQL it
+        runs in autocommit and saves the BEGIN and COMMIT round trips.
+        """
+        with framework_sql(self.url):
+            if single and self._autocommit is not None:
+                with self._autocommit.connect() as conn:
+                    yield conn
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
 
     @contextlib.contextmanager
     def _open(
@@ -94,10 +104,12 @@ class SyncPhases:
         """The phase's transaction: a sealed-after-use session if the job has this phase."""
         with phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
-                with self.engine.begin() as conn:
+                # Framework writes only: one statement each on PostgreSQL (see _queries).
+                with self.tx(single=True) as conn:
                     yield None, conn
                 return
             session = self.phase_sessions()
+            session.open_for(state.job_cls.name, phase)
             try:
                 with session.begin():
                     yield session, session.connection()
@@ -106,13 +118,14 @@ class SyncPhases:
 
     def claim(self, state: AttemptState) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
-        with self.tx() as conn:
+        with self.tx(single=state.concurrency is None) as conn:
             return q.claim(
                 conn,
                 state.execution_id,
                 worker=state.lease.worker,
                 now=utcnow(),
                 phase=state.resume_from,
+                concurrency=state.concurrency,
             )
 
     def load(self, state: AttemptState, job: PhasedJob) -> Any:
@@ -144,7 +157,7 @@ class SyncPhases:
 
     def checkpoint(self, state: AttemptState, result_json: Any) -> None:
         """Store the result so a failed record never repeats execute."""
-        with self.tx() as conn:
+        with self.tx(single=True) as conn:
             cancel = q.checkpoint(conn, state.lease, state.checkpoint_values(result_json))
         _after_checkpoint(state, cancel)
 
@@ -190,6 +203,7 @@ class AsyncPhases:
             engine, expire_on_commit=False, sync_session_class=PhaseSession
         )
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._autocommit = _autocommit(engine)
         self._sync_phases = sync_phases
         self.health: LoopHealth | None = None
 
@@ -201,11 +215,15 @@ class AsyncPhases:
         return timed_steps(coro, info, self.health)
 
     @contextlib.asynccontextmanager
-    async def tx(self) -> AsyncIterator[AsyncConnection]:
-        """One framework transaction; driver errors become jobrunner errors."""
+    async def tx(self, *, single: bool = False) -> AsyncIterator[AsyncConnection]:
+        """One framework transaction (``single``: one statement, autocommit on PostgreSQL)."""
         with framework_sql(self.url):
-            async with self.engine.begin() as conn:
-                yield conn
+            if single and self._autocommit is not None:
+                async with self._autocommit.connect() as conn:
+                    yield conn
+            else:
+                async with self.engine.begin() as conn:
+                    yield conn
 
     @contextlib.asynccontextmanager
     async def _open(
@@ -213,22 +231,24 @@ class AsyncPhases:
     ) -> AsyncIterator[tuple[AsyncSession | None, _AsyncIO]]:
         with phase_context(state, phase):
             if not state.job_cls.spec.runs(phase):
-                async with self.engine.begin() as conn:
+                # Framework writes only: one statement each on PostgreSQL (see _queries).
+                async with self.tx(single=True) as conn:
                     yield None, _AsyncIO(conn=conn)
                 return
             session = self.phase_sessions()
+            sync = session.sync_session
+            assert isinstance(sync, PhaseSession)
+            sync.open_for(state.job_cls.name, phase)
             try:
                 async with session.begin():
                     yield session, _AsyncIO(session=session)
             finally:
                 await session.close()
-                sync = session.sync_session
-                assert isinstance(sync, PhaseSession)
                 sync.seal(state.job_cls.name, phase, str(state.execution_id))
 
     async def claim(self, state: AttemptState) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
-        async with self.tx() as conn:
+        async with self.tx(single=state.concurrency is None) as conn:
             return await conn.run_sync(
                 lambda c: q.claim(
                     c,
@@ -236,6 +256,7 @@ class AsyncPhases:
                     worker=state.lease.worker,
                     now=utcnow(),
                     phase=state.resume_from,
+                    concurrency=state.concurrency,
                 )
             )
 
@@ -284,7 +305,7 @@ class AsyncPhases:
     async def checkpoint(self, state: AttemptState, result_json: Any) -> None:
         """Store the result so a failed record never repeats execute."""
         values = state.checkpoint_values(result_json)
-        async with self.tx() as conn:
+        async with self.tx(single=True) as conn:
             cancel = await conn.run_sync(q.checkpoint, state.lease, values)
         _after_checkpoint(state, cancel)
 
@@ -353,6 +374,16 @@ def _check_deadline(state: AttemptState, phase: str, seconds: float | None) -> N
     """A sync load/record cannot be interrupted; past its timeout it is rolled back."""
     if seconds is not None and (time.perf_counter() - state.phase_started) > seconds:
         raise _timed_out(state, phase, seconds)
+
+
+_E = TypeVar("_E", Engine, AsyncEngine)
+
+
+def _autocommit(engine: _E) -> _E | None:
+    """An autocommit view of a PostgreSQL engine (same pool), for one-statement writes."""
+    if engine.dialect.name != "postgresql":
+        return None  # SQLite's BEGIN IMMEDIATE is what makes its writers queue: keep it
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _async(job: PhasedJob) -> Any:

@@ -10,6 +10,7 @@ recompiling), and writes use ``RETURNING`` instead of reading back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -50,6 +51,7 @@ _CLAIM_COLUMNS = (
     E.checkpointed,
     E.result,
     E.triggered_by,
+    E.concurrency_key,
 )
 
 
@@ -263,21 +265,54 @@ def _within_limits(
 # -- writes an attempt makes while it holds the lease -----------------------------------
 
 
-def _owned(lease: Lease) -> Any:
-    """WHERE clause matching the row only while ``lease`` still owns it."""
-    owned = and_(E.id == lease.execution_id, E.status == RUNNING, E.lease_token == lease.token)
-    return owned if lease.how == "held" else and_(owned, E.worker == lease.worker)
+def _owned_where(how: str) -> Any:
+    """WHERE clause matching the row only while the lease (bound as b_*) still owns it."""
+    owned = and_(
+        E.id == bindparam("b_id"), E.status == RUNNING, E.lease_token == bindparam("b_token")
+    )
+    return owned if how == "held" else and_(owned, E.worker == bindparam("b_worker"))
+
+
+def _lease_params(lease: Lease, values: Mapping[str, Any]) -> dict[str, Any]:
+    return {**values, "b_id": lease.execution_id, "b_token": lease.token, "b_worker": lease.worker}
+
+
+# Built once: the SET clause comes from the parameters' keys, so one statement serves
+# every call and SQLAlchemy compiles it once per key set.
+_CHECKPOINT = {
+    how: sa_update(executions).where(_owned_where(how)).returning(E.cancel_requested)
+    for how in ("held", "insert")
+}
+_FINISH = {
+    how: sa_update(executions).where(_owned_where(how)).returning(executions)
+    for how in ("held", "insert")
+}
+_INSERT_ATTEMPT = insert(attempts)
+
+
+@functools.cache
+def _finish_cte(how: str, value_keys: tuple[str, ...], attempt_keys: tuple[str, ...]) -> Any:
+    """``WITH finished AS (UPDATE ... RETURNING *), ledger AS (INSERT ... SELECT FROM
+    finished) SELECT * FROM finished``: the ledger row exists only if the update matched."""
+    finished = (
+        sa_update(executions)
+        .where(_owned_where(how))
+        .values({k: bindparam(f"v_{k}", type_=executions.c[k].type) for k in value_keys})
+        .returning(*executions.c)
+        .cte("finished")
+    )
+    ledger_values = [bindparam(f"a_{k}", type_=attempts.c[k].type) for k in attempt_keys]
+    ledger = (
+        insert(attempts)
+        .from_select(list(attempt_keys), select(*ledger_values).select_from(finished))
+        .cte("ledger")
+    )
+    return select(finished).add_cte(ledger)
 
 
 def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
     """Store execute's result. Returns ``cancel_requested``, or None if the lease is lost."""
-    stmt = (
-        sa_update(executions)
-        .where(_owned(lease))
-        .values(dict(values))
-        .returning(E.cancel_requested)
-    )
-    row = conn.execute(stmt).first()
+    row = conn.execute(_CHECKPOINT[lease.how], _lease_params(lease, values)).first()
     return None if row is None else bool(row[0])
 
 
@@ -311,9 +346,16 @@ def finish(
 
     Returns the updated execution, or None when the lease was lost (nothing written).
     ``insert_if_missing`` creates the row instead when an inline run's insert rolled back.
+    On PostgreSQL both writes are one statement (a data-modifying CTE): one round trip,
+    atomic even outside a transaction.
     """
-    stmt = sa_update(executions).where(_owned(lease)).values(dict(values)).returning(executions)
-    row = conn.execute(stmt).mappings().first()
+    if conn.dialect.name == "postgresql" and insert_if_missing is None:
+        stmt = _finish_cte(lease.how, tuple(values), tuple(attempt_row))
+        params = {f"v_{k}": v for k, v in values.items()}
+        params.update({f"a_{k}": v for k, v in attempt_row.items()})
+        found = conn.execute(stmt, _lease_params(lease, params)).mappings().first()
+        return Execution.from_row(found) if found is not None else None
+    row = conn.execute(_FINISH[lease.how], _lease_params(lease, values)).mappings().first()
     if row is None and insert_if_missing is not None:
         exists = conn.execute(select(E.id).where(E.id == lease.execution_id)).first()
         if exists is None:
@@ -325,7 +367,7 @@ def finish(
             )
     if row is None:
         return None
-    conn.execute(insert(attempts), dict(attempt_row))
+    conn.execute(_INSERT_ATTEMPT, dict(attempt_row))
     return Execution.from_row(row)
 
 
@@ -428,9 +470,7 @@ def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
     return conn.execute(delete(executions).where(E.id.in_(ids))).rowcount
 
 
-def reap(
-    conn: Connection, *, now: datetime, lease_timeout: float, limit: int
-) -> list[Execution]:
+def reap(conn: Connection, *, now: datetime, lease_timeout: float, limit: int) -> list[Execution]:
     """Recover executions whose worker died, and say so in their ledger.
 
     Running executions whose heartbeat is older than ``lease_timeout`` seconds are
@@ -442,10 +482,23 @@ def reap(
     """
     cutoff = now - timedelta(seconds=lease_timeout)
     stale = (
-        select(E.id, E.status, E.attempt, E.max_attempts, E.worker, E.heartbeat_at, E.phase,
-               E.triggered_by, E.started_at)
-        .where(or_(and_(E.status == RUNNING, E.heartbeat_at < cutoff),
-                   E.status == ExecutionStatus.ABANDONED.value))
+        select(
+            E.id,
+            E.status,
+            E.attempt,
+            E.max_attempts,
+            E.worker,
+            E.heartbeat_at,
+            E.phase,
+            E.triggered_by,
+            E.started_at,
+        )
+        .where(
+            or_(
+                and_(E.status == RUNNING, E.heartbeat_at < cutoff),
+                E.status == ExecutionStatus.ABANDONED.value,
+            )
+        )
         .order_by(E.heartbeat_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -460,26 +513,38 @@ def reap(
                 f"worker {row['worker']} stopped heartbeating (last beat {last}, lease "
                 f"{lease_timeout:g}s); attempt {row['attempt']} was abandoned"
             )
-            conn.execute(insert(attempts), {
-                "execution_id": row["id"], "number": row["attempt"],
-                "status": ExecutionStatus.ABANDONED.value, "phase": row["phase"],
-                "resumed_from": "unknown", "worker": row["worker"],
-                "triggered_by": row["triggered_by"],
-                "started_at": row["heartbeat_at"] or row["started_at"] or now,
-                "finished_at": now, "error_type": "jobrunner.WorkerLost",
-                "error_message": message,
-            })
-            values.update(error_type="jobrunner.WorkerLost", error_message=message,
-                          error_traceback=None)
+            conn.execute(
+                insert(attempts),
+                {
+                    "execution_id": row["id"],
+                    "number": row["attempt"],
+                    "status": ExecutionStatus.ABANDONED.value,
+                    "phase": row["phase"],
+                    "resumed_from": "unknown",
+                    "worker": row["worker"],
+                    "triggered_by": row["triggered_by"],
+                    "started_at": row["heartbeat_at"] or row["started_at"] or now,
+                    "finished_at": now,
+                    "error_type": "jobrunner.WorkerLost",
+                    "error_message": message,
+                },
+            )
+            values.update(
+                error_type="jobrunner.WorkerLost", error_message=message, error_traceback=None
+            )
         if row["attempt"] < row["max_attempts"]:
-            values.update(status=ExecutionStatus.RETRYING.value, next_retry_at=now,
-                          finished_at=None)
+            values.update(
+                status=ExecutionStatus.RETRYING.value, next_retry_at=now, finished_at=None
+            )
         else:
-            values.update(status=ExecutionStatus.FAILED.value, finished_at=now,
-                          next_retry_at=None)
-        updated = conn.execute(
-            sa_update(executions).where(E.id == row["id"]).values(values).returning(executions)
-        ).mappings().first()
+            values.update(status=ExecutionStatus.FAILED.value, finished_at=now, next_retry_at=None)
+        updated = (
+            conn.execute(
+                sa_update(executions).where(E.id == row["id"]).values(values).returning(executions)
+            )
+            .mappings()
+            .first()
+        )
         if updated is not None:
             reaped.append(Execution.from_row(updated))
     return reaped

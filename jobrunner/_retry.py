@@ -138,7 +138,7 @@ class RetryPolicy:
             return "no retry"
         return f"{self.max_attempts} attempts, {self.wait_initial:g}s..{self.wait_max:g}s backoff"
 
-    def _controller_kwargs(self, done_attempts: int) -> dict[str, Any]:
+    def _controller_kwargs(self, done_attempts: int, max_attempts: int) -> dict[str, Any]:
         wait = tenacity.wait_exponential_jitter(
             max=self.wait_max,
             exp_base=self.multiplier,
@@ -146,7 +146,7 @@ class RetryPolicy:
             **{_INITIAL: self.wait_initial},
         )
         return {
-            "stop": tenacity.stop_after_attempt(max(1, self.max_attempts - done_attempts)),
+            "stop": tenacity.stop_after_attempt(max(1, max_attempts - done_attempts)),
             "wait": _WaitFrom(wait, done_attempts),
             "retry": tenacity.retry_if_exception(self.is_retryable),
             "reraise": True,
@@ -156,22 +156,27 @@ class RetryPolicy:
         self,
         *,
         done_attempts: int,
+        max_attempts: int,
         before_sleep: Callable[[tenacity.RetryCallState], None],
     ) -> tenacity.Retrying:
-        """A fresh sync tenacity controller for one run of an execution."""
+        """A fresh sync tenacity controller for one run of an execution.
+
+        ``max_attempts`` is the execution's (an explicit retry extends the policy's).
+        """
         return tenacity.Retrying(
-            before_sleep=before_sleep, **self._controller_kwargs(done_attempts)
+            before_sleep=before_sleep, **self._controller_kwargs(done_attempts, max_attempts)
         )
 
     def async_retrying(
         self,
         *,
         done_attempts: int,
+        max_attempts: int,
         before_sleep: Callable[[tenacity.RetryCallState], Awaitable[None]],
     ) -> tenacity.AsyncRetrying:
         """A fresh async tenacity controller for one run of an execution."""
         return tenacity.AsyncRetrying(
-            before_sleep=before_sleep, **self._controller_kwargs(done_attempts)
+            before_sleep=before_sleep, **self._controller_kwargs(done_attempts, max_attempts)
         )
 
 

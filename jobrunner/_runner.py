@@ -192,7 +192,9 @@ class _RunnerBase:
         self._check_runnable(job_cls)
         return job_cls, idempotency_key is not None or job_cls.max_concurrency is not None
 
-    def _concurrency(self, job_cls: type[PhasedJob], execution: Execution) -> tuple[str, int] | None:
+    def _concurrency(
+        self, job_cls: type[PhasedJob], execution: Execution
+    ) -> tuple[str, int] | None:
         if job_cls.max_concurrency is None or execution.concurrency_key is None:
             return None
         return execution.concurrency_key, job_cls.max_concurrency
@@ -218,6 +220,14 @@ class _RunnerBase:
 
     def _can_run(self, job_cls: type[PhasedJob]) -> bool:
         return True
+
+    def _claimed(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[AttemptState]:
+        return [
+            AttemptState.claimed(
+                self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
+            )
+            for r in rows
+        ]
 
     def _claimable(self, execution: Execution) -> type[PhasedJob] | None:
         """The job class to run ``execution`` with, or None if it is not waiting to run."""
@@ -349,6 +359,24 @@ class JobRunner(_RunnerBase):
     ``JobRunner("sqlite:///jobs.db")`` or ``JobRunner("postgresql+psycopg://...")``;
     without a URL, ``JOBRUNNER_DATABASE_URL`` or the embedded ``sqlite:///jobrunner.db``.
     Jobs with ``async def`` phases need :class:`AsyncJobRunner`.
+
+    Args:
+        url: database URL; the driver is chosen for the runner (``sqlite:///x.db``,
+            ``postgresql://...``). Default: ``JOBRUNNER_DATABASE_URL``, else the
+            embedded ``sqlite:///jobrunner.db``.
+        engine: an engine of your own instead of ``url`` (SQLite tuning is then yours).
+        registry: where job names and handler paths are looked up (default: the
+            process-wide :data:`default_registry`).
+        worker_id: this worker's name in leases and the ledger (default host:pid:random).
+        inline_retry_max_wait: retry waits up to this many seconds are slept inline;
+            longer ones end the run ``retrying`` for :meth:`run_due` (default 5).
+        on_retry_scheduled: called with the execution when a long wait left it
+            ``retrying`` (integrations schedule it, e.g. as a Celery countdown).
+        heartbeat_interval: seconds between lease refreshes of running executions, in
+            one short transaction each (default 10; :meth:`reap` uses 3x by default).
+        slow_phase_threshold: log phases longer than this many seconds (None: never).
+        **engine_options: passed to ``create_engine`` (``pool_size``, ``max_overflow``,
+            ``busy_timeout`` in seconds for SQLite, ...).
     """
 
     _runner_name = "JobRunner"
@@ -450,9 +478,15 @@ class JobRunner(_RunnerBase):
         """
         job_cls, submit_first = self._run_target(job, idempotency_key)
         if submit_first:
-            return self.run_execution(self.submit(
-                job_cls, args, idempotency_key=idempotency_key, triggered_by=triggered_by,
-                external_id=external_id))
+            return self.run_execution(
+                self.submit(
+                    job_cls,
+                    args,
+                    idempotency_key=idempotency_key,
+                    triggered_by=triggered_by,
+                    external_id=external_id,
+                )
+            )
         return self._drive(
             self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
@@ -479,21 +513,17 @@ class JobRunner(_RunnerBase):
                 jobs=self._runnable_jobs(),
                 limits=self._limits(),
             )
-        return [
-            self._drive(
-                AttemptState.claimed(
-                    self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
-                )
-            )
-            for r in rows
-        ]
+        states = self._claimed(rows)
+        with self._inflight.hold(states):
+            self._heartbeat.ensure_running()
+            return [self._drive(state) for state in states]
 
     # -- reading -------------------------------------------------------------------------
 
     def get(self, execution_id: IdLike) -> Execution:
         """One execution by id; :class:`ExecutionNotFound` if there is none."""
         eid = _as_id(execution_id)
-        with self._phases.tx() as conn:
+        with self._phases.tx(single=True) as conn:
             execution = q.get(conn, eid)
         return execution if execution is not None else _missing(eid)
 
@@ -528,7 +558,14 @@ class JobRunner(_RunnerBase):
     # -- operator actions ------------------------------------------------------------------
 
     def cancel(self, execution_id: IdLike) -> Execution:
-        """Cancel: pending/retrying ones at once, running ones at their next checkpoint."""
+        """Cancel an execution; returns it.
+
+        A pending or retrying execution is ``cancelled`` at once. A running one is flagged:
+        its worker stops it (an async phase at its next ``await``, sync code at the next
+        phase boundary or when it checks ``self.cancelled()``), at once when it runs in
+        this runner, else at its next heartbeat. Finished executions raise
+        :class:`InvalidTransition`.
+        """
         eid = _as_id(execution_id)
         with self._phases.tx() as conn:
             execution = q.cancel(conn, eid, utcnow())
@@ -606,14 +643,15 @@ class JobRunner(_RunnerBase):
         return not job_cls.spec.async_phases
 
     def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
-        with self._phases.tx() as conn:
+        concurrency = self._concurrency(job_cls, current)
+        with self._phases.tx(single=concurrency is None) as conn:
             row = q.claim(
                 conn,
                 current.id,
                 worker=self.worker_id,
                 now=utcnow(),
                 phase="load",
-                concurrency=self._concurrency(job_cls, current),
+                concurrency=concurrency,
             )
         if row is None:
             return self.get(current.id)
@@ -630,8 +668,12 @@ class JobRunner(_RunnerBase):
             self._after_failure(state, phases.finish_failure(state, RETRYING, wait), wait)
 
         try:
+            if state.last_attempt:  # nothing to retry: skip tenacity's bookkeeping
+                return self._attempt(state)
             for attempt in state.policy.retrying(
-                done_attempts=state.number - 1, before_sleep=before_sleep
+                done_attempts=state.number - 1,
+                max_attempts=state.max_attempts,
+                before_sleep=before_sleep,
             ):
                 with attempt:
                     return self._attempt(state)
@@ -659,11 +701,12 @@ class JobRunner(_RunnerBase):
                 raise _StopRun(None)
             state.adopt_claim(row)
         state.slow_phase_ms = self._slow_phase_ms
-        running = Running(state=state, cancel_event=threading.Event())
+        running = self._inflight.running_for(state)
         job = make_job(state, self._scope, running.cancel_event)
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
             try:
+                running.check()  # a held lease may have been lost while it waited
                 if state.resume_from == "load":
                     loaded = phases.load(state, job)
                     running.check()
@@ -682,6 +725,29 @@ class AsyncJobRunner(_RunnerBase):
     Async phases run on the loop; a sync ``execute`` runs in a worker thread, and sync
     ``load``/``record`` run in a worker thread on a sync engine for the same database,
     so the loop never blocks. Same verbs as :class:`JobRunner`; close with ``aclose()``.
+    Create it on the event loop that will use it (its async engine belongs to that loop).
+
+    Args:
+        url: database URL; the driver is chosen for the runner (``sqlite:///x.db``,
+            ``postgresql://...``). Default: ``JOBRUNNER_DATABASE_URL``, else the
+            embedded ``sqlite:///jobrunner.db``.
+        engine: an engine of your own instead of ``url`` (SQLite tuning is then yours).
+        registry: where job names and handler paths are looked up (default: the
+            process-wide :data:`default_registry`).
+        worker_id: this worker's name in leases and the ledger (default host:pid:random).
+        inline_retry_max_wait: retry waits up to this many seconds are slept inline;
+            longer ones end the run ``retrying`` for :meth:`run_due` (default 5).
+        on_retry_scheduled: called with the execution when a long wait left it
+            ``retrying`` (integrations schedule it, e.g. as a Celery countdown).
+        heartbeat_interval: seconds between lease refreshes of running executions, in
+            one short transaction each (default 10; :meth:`reap` uses 3x by default).
+        slow_phase_threshold: log phases longer than this many seconds (None: never).
+        loop_lag_threshold_ms: an async phase step holding the loop this long is logged
+            with its execution and phase; the loop monitor logs lag above it (default 100).
+        strict_loop: fail such a phase with :class:`LoopBlocked` instead (tests, staging).
+        monitor_loop: run the :class:`LoopMonitor` while executions are in flight.
+        loop_monitor_interval: the monitor's sampling interval in seconds (default 0.05).
+        **engine_options: passed to ``create_async_engine`` (``pool_size``, ...).
     """
 
     _runner_name = "AsyncJobRunner"
@@ -765,7 +831,11 @@ class AsyncJobRunner(_RunnerBase):
         external_id: str | None = None,
         due: bool = True,
     ) -> uuid.UUID:
-        """Validate ``args`` and store a pending execution; returns its id."""
+        """Validate ``args`` and store a pending execution; returns its id.
+
+        With ``idempotency_key``, a second submit returns the first execution's id.
+        ``due=False`` leaves it to a queue (Celery) instead of :meth:`run_due`.
+        """
         _, row = self._submission(
             job,
             args,
@@ -793,9 +863,15 @@ class AsyncJobRunner(_RunnerBase):
         """Submit and run inline, retrying per the job's policy; returns the execution."""
         job_cls, submit_first = self._run_target(job, idempotency_key)
         if submit_first:
-            return await self.run_execution(await self.submit(
-                job_cls, args, idempotency_key=idempotency_key, triggered_by=triggered_by,
-                external_id=external_id))
+            return await self.run_execution(
+                await self.submit(
+                    job_cls,
+                    args,
+                    idempotency_key=idempotency_key,
+                    triggered_by=triggered_by,
+                    external_id=external_id,
+                )
+            )
         return await self._drive(
             self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
@@ -817,21 +893,17 @@ class AsyncJobRunner(_RunnerBase):
                     c, worker=self.worker_id, now=utcnow(), limit=limit, jobs=jobs, limits=limits
                 )
             )
-        return [
-            await self._drive(
-                AttemptState.claimed(
-                    self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
-                )
-            )
-            for r in rows
-        ]
+        states = self._claimed(rows)
+        with self._inflight.hold(states):
+            self._heartbeat.ensure_running()
+            return [await self._drive(state) for state in states]
 
     # -- reading -------------------------------------------------------------------------
 
     async def get(self, execution_id: IdLike) -> Execution:
         """One execution by id; :class:`ExecutionNotFound` if there is none."""
         eid = _as_id(execution_id)
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(single=True) as conn:
             execution = await conn.run_sync(q.get, eid)
         return execution if execution is not None else _missing(eid)
 
@@ -867,7 +939,14 @@ class AsyncJobRunner(_RunnerBase):
     # -- operator actions ------------------------------------------------------------------
 
     async def cancel(self, execution_id: IdLike) -> Execution:
-        """Cancel: pending/retrying ones at once, running ones at their next checkpoint."""
+        """Cancel an execution; returns it.
+
+        A pending or retrying execution is ``cancelled`` at once. A running one is flagged:
+        its worker stops it (an async phase at its next ``await``, sync code at the next
+        phase boundary or when it checks ``self.cancelled()``), at once when it runs in
+        this runner, else at its next heartbeat. Finished executions raise
+        :class:`InvalidTransition`.
+        """
         eid = _as_id(execution_id)
         async with self._phases.tx() as conn:
             execution = await conn.run_sync(q.cancel, eid, utcnow())
@@ -949,7 +1028,7 @@ class AsyncJobRunner(_RunnerBase):
 
     async def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
         concurrency = self._concurrency(job_cls, current)
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(single=concurrency is None) as conn:
             row = await conn.run_sync(
                 lambda c: q.claim(
                     c,
@@ -977,8 +1056,12 @@ class AsyncJobRunner(_RunnerBase):
             self._after_failure(state, await phases.finish_failure(state, RETRYING, wait), wait)
 
         try:
+            if state.last_attempt:  # nothing to retry: skip tenacity's bookkeeping
+                return await self._attempt(state)
             async for attempt in state.policy.async_retrying(
-                done_attempts=state.number - 1, before_sleep=before_sleep
+                done_attempts=state.number - 1,
+                max_attempts=state.max_attempts,
+                before_sleep=before_sleep,
             ):
                 with attempt:
                     return await self._attempt(state)
@@ -1006,7 +1089,7 @@ class AsyncJobRunner(_RunnerBase):
                 raise _StopRun(None)
             state.adopt_claim(row)
         state.slow_phase_ms = self._slow_phase_ms
-        running = Running(state=state, cancel_event=threading.Event())
+        running = self._inflight.running_for(state)
         job = make_job(state, self._scope, running.cancel_event)
         # The phases run in a child task, so a cancel or a lost lease can interrupt them at
         # their next await while this task stays free to write the outcome.
@@ -1030,6 +1113,7 @@ class AsyncJobRunner(_RunnerBase):
     async def _phases_of(self, state: AttemptState, job: PhasedJob, running: Running) -> Execution:
         phases = self._phases
         try:
+            running.check()  # a held lease may have been lost while it waited
             if state.resume_from == "load":
                 loaded = await phases.load(state, job)
                 running.check()

@@ -35,6 +35,23 @@ class PhaseSession(Session):
             )
         return super().get_bind(*args, **kwargs)
 
+    _jobrunner_phase: tuple[str, str] | None = None
+
+    def commit(self) -> None:
+        """Refused: the phase commits once, together with the execution's status."""
+        job, phase = self._jobrunner_phase or ("?", "?")
+        raise JobRunnerError(
+            f"session.commit() was called inside the {phase} phase of job {job!r}; the phase "
+            "commits for you when it returns, together with the execution's status, so the "
+            "two never disagree. Use session.flush() to send pending writes (e.g. to get "
+            "generated ids), and do work that must commit on its own in execute with "
+            "`with self.session() as session:`."
+        )
+
+    def open_for(self, job: str, phase: str) -> None:
+        """Label the session with the job and phase it belongs to (for messages)."""
+        self._jobrunner_phase = (job, phase)
+
     def seal(self, job: str, phase: str, execution_id: str) -> None:
         """Close the session and make any later use raise :class:`PhaseSessionClosed`."""
         self.close()

@@ -194,3 +194,94 @@ async def test_async_idempotent_run(arunner: AsyncJobRunner) -> None:
     results = await asyncio.gather(*(arunner.run(Once, idempotency_key="k") for _ in range(5)))
     assert len({r.id for r in results}) == 1
     assert [a.number for a in await arunner.attempts(results[0].id)] == [1]
+
+
+def test_run_due_keeps_the_leases_of_waiting_claims_alive(backend: Backend) -> None:
+    """run_due runs its batch one by one; the waiting ones keep heartbeating, so a reaper
+    never takes them back and nothing runs twice."""
+    registry = Registry()
+    runner = JobRunner(backend.url, registry=registry, heartbeat_interval=0.05)
+    reaper = JobRunner(backend.url, registry=Registry())
+    first_running, first_done = threading.Event(), threading.Event()
+    runs: dict[str, int] = {}
+
+    class Batch(PhasedJob):
+        name = "leases.batch"
+
+        class Args(BaseModel):
+            slow: bool
+
+        def execute(self, args: Args) -> None:
+            runs[self.execution_id] = runs.get(self.execution_id, 0) + 1
+            if args.slow:
+                first_running.set()
+                import time
+
+                time.sleep(0.6)  # two lease timeouts: the waiting claims must keep beating
+                first_done.set()
+
+    registry.register(Batch)
+    runner.submit(Batch, {"slow": True})
+    waiting = {runner.submit(Batch, {"slow": False}) for _ in range(2)}
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.extend(runner.run_due(limit=3)))
+    thread.start()
+    try:
+        assert first_running.wait(10)
+        reaped = []
+        # A reaper every 20 ms (a hot loop would hog SQLite's single write lock and starve
+        # the heartbeat: real reapers run every few seconds).
+        while not first_done.wait(0.02):
+            reaped += reaper.reap(lease_timeout=0.3)
+        assert reaped == []
+    finally:
+        thread.join(10)
+        runner.close()
+        reaper.close()
+    assert {e.id for e in done} >= waiting and all(e.succeeded for e in done)
+    assert set(runs.values()) == {1} and len(runs) == 3
+
+
+def test_commit_inside_a_phase_is_refused(runner: JobRunner) -> None:
+    """session.commit() in a phase fails clearly; the phase commits with the status."""
+
+    class Commits(PhasedJob):
+        name = "leases.commits"
+
+        def load(self, session: sa.orm.Session, args: Any) -> None:
+            session.commit()
+
+        def execute(self, loaded: Any) -> None: ...
+
+    execution = runner.run(Commits)
+    assert execution.status is ExecutionStatus.FAILED and execution.phase == "load"
+    assert "session.commit() was called inside the load phase of job 'leases.commits'" in (
+        execution.error_message or "")
+    assert "session.flush()" in (execution.error_message or "")
+
+
+async def test_async_commit_inside_a_phase_is_refused(arunner: AsyncJobRunner) -> None:
+    """The async session of a phase refuses commit() the same way."""
+
+    class Commits(PhasedJob):
+        async def execute(self, loaded: Any) -> int:
+            return 1
+
+        async def record(self, session: Any, result: int) -> None:
+            await session.commit()
+
+    execution = await arunner.run(Commits)
+    assert execution.status is ExecutionStatus.FAILED and execution.phase == "record"
+    assert "inside the record phase" in (execution.error_message or "")
+
+
+def test_one_async_runner_on_two_event_loops_gets_a_clear_error(postgres: Backend) -> None:
+    """Reusing an AsyncJobRunner from a second event loop says what is wrong and what to do."""
+    import pytest
+
+    from jobrunner import ConfigurationError
+
+    runner = AsyncJobRunner(postgres.url, registry=Registry())
+    assert asyncio.run(runner.run(Once)).succeeded
+    with pytest.raises(ConfigurationError, match="one AsyncJobRunner per event loop"):
+        asyncio.run(runner.run(Once))
