@@ -16,6 +16,7 @@ This module is also the worker's app: ``celery -A benchmarks.celery_overhead wor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -232,34 +233,42 @@ def run(bench: Bench) -> None:
         rig = Rig(url, os.environ.get(BROKER_ENV, DEFAULT_BROKER))
         with rig.worker():
             rig.warm_up(20)
-            plain = bench.measure(
-                system="plain Celery task",
-                variant="3 tx by hand, psycopg",
-                n=n,
-                concurrency=CONCURRENCY,
-                fn=lambda: rig.drain(n, PLAIN_JOB, rig.send_plain),
-            )
-            sync = bench.measure(
-                system="jobrunner task",
-                variant="sync job, JobRunner",
-                n=n,
-                concurrency=CONCURRENCY,
-                fn=lambda: rig.drain(n, SyncNoop.name, _enqueue(SyncNoop)),
-                ratio_to=plain,
-            )
-            asyn = bench.measure(
-                system="jobrunner task",
-                variant="async job, process loop",
-                n=n,
-                concurrency=CONCURRENCY,
-                fn=lambda: rig.drain(n, AsyncNoop.name, _enqueue(AsyncNoop)),
-                ratio_to=plain,
-            )
+            _, sync, asyn = _measure_interleaved(bench, rig, n)
     _notes(bench, sync, asyn)
     bench.table(
         f"celery_overhead: {n:,} no-op executions, prefork x{CONCURRENCY}, Redis, PostgreSQL "
         "(x floor = / plain Celery task)"
     )
+
+
+def _measure_interleaved(bench: Bench, rig: Rig, n: int) -> list[Measurement]:
+    """Plain, sync and async runs take turns (order rotating), so load drift hits all three."""
+    systems: list[tuple[str, str, Callable[[], Sample]]] = [
+        ("plain Celery task", "3 tx by hand, psycopg",
+         lambda: rig.drain(n, PLAIN_JOB, rig.send_plain)),
+        ("jobrunner task", "sync job, JobRunner",
+         lambda: rig.drain(n, SyncNoop.name, _enqueue(SyncNoop))),
+        ("jobrunner task", "async job, process loop",
+         lambda: rig.drain(n, AsyncNoop.name, _enqueue(AsyncNoop))),
+    ]  # fmt: skip
+    samples: list[list[Sample]] = [[] for _ in systems]
+    for round_ in range(bench.repeat):
+        for k in range(len(systems)):
+            i = (round_ + k) % len(systems)
+            samples[i].append(systems[i][2]())
+    measured: list[Measurement] = []
+    for (system, variant, _), taken in zip(systems, samples, strict=True):
+        measured.append(
+            bench.measure(
+                system=system,
+                variant=variant,
+                n=n,
+                concurrency=CONCURRENCY,
+                fn=functools.partial(taken.pop, 0),  # timed above, in turns
+                ratio_to=measured[0] if measured else None,
+            )
+        )
+    return measured
 
 
 def _notes(bench: Bench, *measured: Measurement) -> None:

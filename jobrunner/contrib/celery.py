@@ -12,12 +12,12 @@
     # celery -A myapp worker                            # runs it
 
 ``enqueue`` commits the ``pending`` execution first and then sends
-``jobrunner.run_execution(execution_id)``; the Celery task id is the execution's
-``external_id``. In the worker the task reads the row and runs a sync job with
-:class:`~jobrunner.JobRunner` (no event loop anywhere) and an async job on the worker
-process's one event loop, which lives in its own thread from process start to process
-shutdown and owns the process's :class:`~jobrunner.AsyncJobRunner` and its engine.
-Retry waits longer than ``inline_retry_max_wait`` become Celery countdowns.
+``jobrunner.run_execution(execution_id, job=...)``; the Celery task id is the execution's
+``external_id``. In the worker the task runs a sync job with :class:`~jobrunner.JobRunner`
+(no event loop anywhere) and an async job on the worker process's one event loop, which
+lives in its own thread from process start to process shutdown and owns the process's
+:class:`~jobrunner.AsyncJobRunner` and its engine. Retry waits longer than
+``inline_retry_max_wait`` become Celery countdowns for the same execution.
 """
 
 from __future__ import annotations
