@@ -224,3 +224,16 @@ def test_bad_retry_policies_fail_at_class_definition() -> None:
 
     assert RetryPolicy(max_attempts=2, retry_on=("json.JSONDecodeError",)).retry_on == (
         json.JSONDecodeError,)
+
+
+def test_an_explicit_retry_gets_a_fresh_budget_of_attempts(runner: JobRunner) -> None:
+    """After retry() an exhausted execution may use its policy's attempts again, inline."""
+    counter = Counter()
+    job = runner.registry.register(_flaky(10, counter, max_attempts=2))
+    failed = runner.run(job)
+    assert failed.status is ExecutionStatus.FAILED and failed.attempt == 2
+    runner.retry(failed.id)
+    again = runner.run_execution(failed.id)
+    assert again.status is ExecutionStatus.FAILED and again.attempt == 4
+    assert counter.value == 4
+    assert [a.number for a in runner.attempts(failed.id)] == [1, 2, 3, 4]
