@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import _queries as q
 from ._attempt import AttemptState, utcnow
 from ._exceptions import ExecutionCancelled, JobRunnerError, LeaseLost
+from ._monitor import cancel_task
 
 logger = logging.getLogger("jobrunner")
 
@@ -239,10 +240,7 @@ class AsyncHeartbeat:
     async def stop(self) -> None:
         """Cancel the task (the runner is closing)."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def _run(self) -> None:
         while True:

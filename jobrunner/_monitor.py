@@ -74,16 +74,23 @@ class _Blocker:
 _last_blocker: dict[asyncio.AbstractEventLoop, _Blocker] = {}
 
 
-class _TimedSteps:
-    """Drive ``coro`` step by step, timing how long each step holds the loop."""
+class _Steps:
+    """Await ``coro`` step by step, telling ``on_step`` how long each step held the loop.
 
-    def __init__(self, coro: Coroutine[Any, Any, T], info: PhaseInfo, health: LoopHealth) -> None:
+    ``on_step(held_ms, finished)`` may return an exception: it is thrown into the
+    coroutine at once (or raised, if the coroutine already finished).
+    """
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        on_step: Callable[[float, bool], BaseException | None],
+    ) -> None:
         self._coro = coro
-        self._info = info
-        self._health = health
+        self._on_step = on_step
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro: Coroutine[Any, Any, Any] = self._coro
+        coro, on_step = self._coro, self._on_step
         send: Any = None
         error: BaseException | None = None
         while True:
@@ -91,19 +98,27 @@ class _TimedSteps:
             try:
                 yielded = coro.throw(error) if error is not None else coro.send(send)
             except StopIteration as stop:
-                self._measure(started, finished=True)
+                if (late := on_step((time.perf_counter() - started) * 1000, True)) is not None:
+                    raise late from None
                 return stop.value
-            blocked = self._measure(started, finished=False)
-            if blocked is not None:
-                error, send = blocked, None  # strict: fail the phase at its next resume
+            error = on_step((time.perf_counter() - started) * 1000, False)
+            if error is not None:
+                send = None  # strict: fail the phase where it is instead of resuming it
                 continue
             try:
                 send, error = (yield yielded), None
             except BaseException as exc:
                 send, error = None, exc
 
-    def _measure(self, started: float, *, finished: bool) -> LoopBlocked | None:
-        held_ms = (time.perf_counter() - started) * 1000
+
+class _PhaseSteps:
+    """The step check of a job phase: attribute, log, and in strict mode fail."""
+
+    def __init__(self, info: PhaseInfo, health: LoopHealth) -> None:
+        self._info = info
+        self._health = health
+
+    def __call__(self, held_ms: float, finished: bool) -> LoopBlocked | None:
         if held_ms < self._health.threshold_ms:
             return None
         info = self._info
@@ -125,18 +140,15 @@ class _TimedSteps:
         )
         if not self._health.strict:
             return None
-        error = LoopBlocked(
+        return LoopBlocked(
             f"{info.phase} of job {info.job!r} held the event loop for {held_ms:.0f} ms "
             f"(strict_loop allows {self._health.threshold_ms:.0f} ms): {_FIX}"
         )
-        if finished:
-            raise error
-        return error
 
 
 def timed_steps(coro: Coroutine[Any, Any, T], info: PhaseInfo, health: LoopHealth) -> Awaitable[T]:
     """Await ``coro`` while timing each of its steps against ``health``."""
-    return _TimedSteps(coro, info, health)
+    return _Steps(coro, _PhaseSteps(info, health))
 
 
 class _BlockingLog:
@@ -153,7 +165,10 @@ class _BlockingLog:
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            result: T = await _StepLog(fn(*args, **kwargs), label, self.threshold_ms)
+            def on_step(held_ms: float, finished: bool) -> None:
+                _log_held(label, held_ms, self.threshold_ms)
+
+            result: T = await _Steps(fn(*args, **kwargs), on_step)
             return result
 
         return wrapper
@@ -165,28 +180,6 @@ class _BlockingLog:
         _log_held(
             self.name or "block", (time.perf_counter() - self._started) * 1000, self.threshold_ms
         )
-
-
-class _StepLog:
-    def __init__(self, coro: Coroutine[Any, Any, Any], label: str, threshold_ms: float) -> None:
-        self._coro, self._label, self._threshold = coro, label, threshold_ms
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        coro: Coroutine[Any, Any, Any] = self._coro
-        send: Any = None
-        error: BaseException | None = None
-        while True:
-            started = time.perf_counter()
-            try:
-                yielded = coro.throw(error) if error is not None else coro.send(send)
-            except StopIteration as stop:
-                _log_held(self._label, (time.perf_counter() - started) * 1000, self._threshold)
-                return stop.value
-            _log_held(self._label, (time.perf_counter() - started) * 1000, self._threshold)
-            try:
-                send, error = (yield yielded), None
-            except BaseException as exc:
-                send, error = None, exc
 
 
 def _log_held(label: str, held_ms: float, threshold_ms: float) -> None:
@@ -260,10 +253,7 @@ class LoopMonitor:
     async def stop(self) -> None:
         """Stop sampling."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_task(task)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -293,6 +283,14 @@ class LoopMonitor:
             _FIX,
             extra={"loop_lag_ms": lag_ms},
         )
+
+
+async def cancel_task(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task of ours and wait until it has stopped."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @contextlib.contextmanager
