@@ -220,9 +220,9 @@ class Bench:
         unit: str = "executions",
     ) -> Measurement:
         """Call ``fn`` ``repeat`` times (default ``bench.repeat``) and record the results."""
-        samples = []
-        for i in range(repeat or self.repeat):
-            self._progress(system, variant, i)
+        samples, runs = [], repeat or self.repeat
+        for i in range(runs):
+            self._progress(system, variant, i, runs)
             samples.append(_sample(fn()))
         return self._record(system, variant, n, concurrency, samples, ratio_to, unit)
 
@@ -239,14 +239,14 @@ class Bench:
         unit: str = "executions",
     ) -> Measurement:
         """:meth:`measure` for an ``async`` ``fn``, awaited on the running loop."""
-        samples = []
-        for i in range(repeat or self.repeat):
-            self._progress(system, variant, i)
+        samples, runs = [], repeat or self.repeat
+        for i in range(runs):
+            self._progress(system, variant, i, runs)
             samples.append(_sample(await fn()))
         return self._record(system, variant, n, concurrency, samples, ratio_to, unit)
 
-    def _progress(self, system: str, variant: str, i: int) -> None:
-        console.print(f"[dim]  {self.name}: {system} {variant} (run {i + 1}/{self.repeat})[/]")
+    def _progress(self, system: str, variant: str, i: int, runs: int) -> None:
+        console.print(f"[dim]  {self.name}: {system} {variant} (run {i + 1}/{runs})[/]")
 
     def _record(
         self,

@@ -165,25 +165,43 @@ def _celery(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:
 
 
 async def _statement_counts(url: sa.URL) -> dict[str, tuple[float, float]]:
-    """Statements and commits per execution for each AsyncJobRunner job shape (not timed)."""
-    counts = {}
+    """Statements (SQLAlchemy events) and server-side commits (``pg_stat_database``) per
+    execution, for each AsyncJobRunner job shape (not timed)."""
+    counts, n = {}, 100
     for label, job in (("no-op execute", AsyncNoop), ("load+execute+record", AsyncNoopPhases)):
-        runner = AsyncJobRunner(url.set(drivername="postgresql+asyncpg"), registry=Registry([job]))
-        counter = StatementCounter(runner.engine.sync_engine)
-        await runner.run(job)
-        counter.reset()
-        for _ in range(50):
-            await runner.run(job)
-        await runner.aclose()
-        counts[label] = (counter.statements / 50, counter.commits / 50)
+        await _runs(url, job, 1)  # compile, connect
+        before = _server_commits(url)
+        statements = await _runs(url, job, n)
+        counts[label] = (statements / n, (_server_commits(url) - before) / n)
     return counts
+
+
+async def _runs(url: sa.URL, job: type[Any], n: int) -> int:
+    runner = AsyncJobRunner(url.set(drivername="postgresql+asyncpg"), registry=Registry([job]))
+    counter = StatementCounter(runner.engine.sync_engine)
+    for _ in range(n):
+        await runner.run(job)
+    await runner.aclose()  # backends exit and flush their statistics
+    return counter.statements
+
+
+def _server_commits(url: sa.URL) -> int:
+    """Committed transactions in the scratch database, as PostgreSQL counts them."""
+    time.sleep(0.5)  # let exiting backends flush their counters
+    engine = sa.create_engine(url.set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        commits = conn.execute(
+            sa.text("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar_one()
+    engine.dispose()
+    return int(commits)
 
 
 def _notes(bench: Bench, counts: dict[str, tuple[float, float]]) -> None:
     for label, (statements, commits) in counts.items():
         bench.note(
-            f"AsyncJobRunner {label}: {statements:g} statements and {commits:g} commits "
-            "per execution (SQLAlchemy events; BEGIN not counted)"
+            f"AsyncJobRunner {label}: {statements:.1f} statements (SQLAlchemy events) and "
+            f"{commits:.1f} commits (pg_stat_database) per execution"
         )
     bench.note(
         f"SQLAlchemy {sa.__version__}; 'new conns' = connections opened during the timed runs"
