@@ -17,7 +17,8 @@ from datetime import UTC, datetime
 import asyncpg
 import sqlalchemy as sa
 
-from ._jobs import run_many
+from ._harness import Sample
+from ._jobs import run_many, run_many_sample
 
 INSERT = """
 INSERT INTO jobrunner_executions (
@@ -63,7 +64,7 @@ async def one_execution(conn: asyncpg.Connection) -> None:
         await conn.execute(ATTEMPT, eid, WORKER, started, datetime.now(UTC), 0.01)
 
 
-async def run_floor(url: sa.URL, n: int, concurrency: int) -> float:
+async def run_floor(url: sa.URL, n: int, concurrency: int) -> Sample:
     """Seconds for ``n`` executions from ``concurrency`` connections (connecting not timed)."""
     dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
     conns = [await asyncpg.connect(dsn) for _ in range(concurrency)]
@@ -80,7 +81,7 @@ async def run_floor(url: sa.URL, n: int, concurrency: int) -> float:
 
     try:
         await run_many(one, 20 * concurrency, concurrency)  # warm up: prepare statements
-        return await run_many(one, n, concurrency)
+        return await run_many_sample(one, n, concurrency)
     finally:
         for conn in conns:
             await conn.close()

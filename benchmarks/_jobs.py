@@ -14,6 +14,8 @@ from sqlalchemy import event
 from jobrunner import PhasedJob
 from jobrunner._schema import metadata
 
+from ._harness import Sample
+
 
 class AsyncNoop(PhasedJob, register=False):
     """Does nothing, asynchronously: only the framework's own statements run."""
@@ -78,16 +80,43 @@ async def run_many(one: Callable[[], Awaitable[Any]], n: int, concurrency: int) 
     return time.perf_counter() - start
 
 
-class StatementCounter:
-    """Counts statements, transactions and new connections on a sync engine (events)."""
+async def run_many_sample(one: Callable[[], Awaitable[Any]], n: int, concurrency: int) -> Sample:
+    """:func:`run_many` as a :class:`Sample`, with this process's CPU ms per call."""
+    cpu = time.process_time()
+    seconds = await run_many(one, n, concurrency)
+    return Sample(seconds=seconds, extra={"cpu_ms": cpu_ms(cpu, n)})
 
-    def __init__(self, engine: sa.Engine) -> None:
+
+def cpu_ms(since: float, n: int) -> float:
+    """Milliseconds of this process's CPU (all threads) per execution since ``since``."""
+    return 1000 * (time.process_time() - since) / n
+
+
+class StatementCounter:
+    """Counts statements, commits and new connections of every engine in this process.
+
+    Listens on the ``Engine`` and ``Pool`` classes, so engines a runner creates internally
+    (e.g. a second, autocommit engine) are counted too. Use as a context manager.
+    """
+
+    def __init__(self) -> None:
         self.statements = 0
         self.commits = 0
         self.connects = 0
-        event.listen(engine, "before_cursor_execute", self._statement)
-        event.listen(engine, "commit", self._commit)
-        event.listen(engine.pool, "connect", self._connect)
+        self._hooks = (
+            (sa.Engine, "before_cursor_execute", self._statement),
+            (sa.Engine, "commit", self._commit),
+            (sa.pool.Pool, "connect", self._connect),
+        )
+        for target, name, fn in self._hooks:
+            event.listen(target, name, fn)
+
+    def __enter__(self) -> StatementCounter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for target, name, fn in self._hooks:
+            event.remove(target, name, fn)
 
     def _statement(self, *args: Any) -> None:
         self.statements += 1

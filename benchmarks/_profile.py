@@ -41,7 +41,7 @@ PACKAGES = (
 def profile_async_runner(url: sa.URL, n: int) -> dict[str, float]:
     """Profile ``n`` sequential no-op runs; returns ms per execution by package."""
     truncate(url)
-    profiler = Profiler(interval=0.0002, async_mode="disabled")
+    profiler = Profiler(interval=0.001, async_mode="disabled")
     asyncio.run(_runs(url, n, profiler))
     session = profiler.last_session
     assert session is not None

@@ -14,8 +14,9 @@ from typing import Any
 
 #: Extra columns shown per benchmark: JSON key -> header.
 EXTRAS: dict[str, dict[str, str]] = {
-    "throughput": {"connects": "new conns"},
+    "throughput": {"cpu_ms": "client CPU ms/exec", "connects": "new conns"},
     "pool": {
+        "connections": "connections",
         "waited": "waits > 1 ms",
         "max_wait_s": "max wait s",
         "timeouts": "pool timeouts",

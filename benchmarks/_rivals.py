@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from jobrunner._schema import attempts, executions
 
 from ._harness import ROOT, Sample
-from ._jobs import run_many, truncate
+from ._jobs import cpu_ms, run_many, run_many_sample, truncate
 
 E = executions.c
 
@@ -46,7 +46,7 @@ async def run_naive_sqlalchemy(url: sa.URL, n: int, concurrency: int) -> Sample:
     try:
         await run_many(one, 10 * concurrency, concurrency)  # warm up: pool, compiled cache
         truncate(url)
-        return Sample(seconds=await run_many(one, n, concurrency))
+        return await run_many_sample(one, n, concurrency)
     finally:
         await engine.dispose()
 
@@ -90,13 +90,13 @@ async def run_procrastinate(url: sa.URL, n: int, concurrency: int) -> Sample:
         await _procrastinate_batch(app, noop, 10 * concurrency, concurrency)  # warm up
         truncate(url, "procrastinate_jobs")
         await noop.batch_defer_async(*({} for _ in range(n)))
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await _procrastinate_batch(app, noop, 0, concurrency)
-        seconds = time.perf_counter() - start
+        seconds, cpu_per_job = time.perf_counter() - start, cpu_ms(cpu, n)
         done = await _procrastinate_done(app)
     if done != n:
         raise RuntimeError(f"procrastinate finished {done} of {n} jobs")
-    return Sample(seconds=seconds)
+    return Sample(seconds=seconds, extra={"cpu_ms": cpu_per_job})
 
 
 async def _procrastinate_batch(app: Any, task: Any, n: int, concurrency: int) -> None:

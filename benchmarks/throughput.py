@@ -27,8 +27,10 @@ from ._jobs import (
     AsyncNoopPhases,
     StatementCounter,
     SyncNoop,
+    cpu_ms,
     create_schema,
     run_many,
+    run_many_sample,
     truncate,
 )
 from ._rivals import CeleryRig, run_naive_sqlalchemy, run_procrastinate
@@ -49,7 +51,10 @@ def run(bench: Bench) -> None:
         if bench.options.profile:
             _profile.profile_async_runner(url, bench.size(full=2_000, quick=200))
     _notes(bench, counts)
-    bench.table(f"throughput: {n:,} no-op executions, PostgreSQL", {"connects": "new conns"})
+    bench.table(
+        f"throughput: {n:,} no-op executions, PostgreSQL",
+        {"cpu_ms": "client CPU ms/exec", "connects": "new conns"},
+    )
 
 
 async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measurement]:
@@ -71,13 +76,14 @@ async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measure
         fn=lambda: _fresh(url, run_naive_sqlalchemy(url, n, CONCURRENCY)),
         ratio_to=floor,
     )
-    variants: list[tuple[str, type[Any], int, dict[str, Any]]] = [
-        ("no-op execute", AsyncNoop, 1, {}),
-        ("no-op execute", AsyncNoop, CONCURRENCY, {"pool_size": CONCURRENCY}),
-        ("load+execute+record", AsyncNoopPhases, CONCURRENCY, {"pool_size": CONCURRENCY}),
-        ("default pool (5+10)", AsyncNoop, CONCURRENCY, {}),
+    # The diagnostic rows (phase sessions, default pool) run once to fit the time budget.
+    variants: list[tuple[str, type[Any], int, dict[str, Any], int | None]] = [
+        ("no-op execute", AsyncNoop, 1, {}, None),
+        ("no-op execute", AsyncNoop, CONCURRENCY, {"pool_size": CONCURRENCY}, None),
+        ("load+execute+record", AsyncNoopPhases, CONCURRENCY, {"pool_size": CONCURRENCY}, 1),
+        ("default pool (5+10)", AsyncNoop, CONCURRENCY, {}, 1),
     ]
-    for variant, job, conc, engine_options in variants:
+    for variant, job, conc, engine_options, repeat in variants:
         await bench.ameasure(
             system="AsyncJobRunner",
             variant=variant,
@@ -85,6 +91,7 @@ async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measure
             concurrency=conc,
             fn=lambda j=job, c=conc, o=engine_options: _async_runner(url, j, n, c, o),
             ratio_to=floors[conc],
+            repeat=repeat,
         )
     await bench.ameasure(
         system="procrastinate",
@@ -110,12 +117,12 @@ async def _async_runner(
     runner = AsyncJobRunner(
         url.set(drivername="postgresql+asyncpg"), registry=Registry([job]), **engine_options
     )
-    counter = StatementCounter(runner.engine.sync_engine)
     try:
-        await run_many(lambda: runner.run(job), 10 * concurrency, concurrency)  # warm up
-        counter.reset()
-        seconds = await run_many(lambda: runner.run(job), n, concurrency)
-        return Sample(seconds=seconds, extra={"connects": counter.connects})
+        with StatementCounter() as counter:
+            await run_many(lambda: runner.run(job), 10 * concurrency, concurrency)  # warm up
+            counter.reset()
+            sample = await run_many_sample(lambda: runner.run(job), n, concurrency)
+        return Sample(seconds=sample.seconds, extra={**sample.extra, "connects": counter.connects})
     finally:
         await runner.aclose()
 
@@ -124,16 +131,17 @@ def _sync_runner(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:
     def once() -> Sample:
         truncate(url)
         runner = JobRunner(url.set(drivername="postgresql+psycopg"), registry=Registry([SyncNoop]))
-        counter = StatementCounter(runner.engine)
         try:
-            for _ in range(10):
-                runner.run(SyncNoop)
-            counter.reset()
-            start = time.perf_counter()
-            for _ in range(n):
-                runner.run(SyncNoop)
-            seconds = time.perf_counter() - start
-            return Sample(seconds=seconds, extra={"connects": counter.connects})
+            with StatementCounter() as counter:
+                for _ in range(10):
+                    runner.run(SyncNoop)
+                counter.reset()
+                start, cpu = time.perf_counter(), time.process_time()
+                for _ in range(n):
+                    runner.run(SyncNoop)
+                seconds = time.perf_counter() - start
+            extra = {"cpu_ms": cpu_ms(cpu, n), "connects": counter.connects}
+            return Sample(seconds=seconds, extra=extra)
         finally:
             runner.close()
 
@@ -178,10 +186,10 @@ async def _statement_counts(url: sa.URL) -> dict[str, tuple[float, float]]:
 
 async def _runs(url: sa.URL, job: type[Any], n: int) -> int:
     runner = AsyncJobRunner(url.set(drivername="postgresql+asyncpg"), registry=Registry([job]))
-    counter = StatementCounter(runner.engine.sync_engine)
-    for _ in range(n):
-        await runner.run(job)
-    await runner.aclose()  # backends exit and flush their statistics
+    with StatementCounter() as counter:
+        for _ in range(n):
+            await runner.run(job)
+        await runner.aclose()  # backends exit and flush their statistics
     return counter.statements
 
 
@@ -204,7 +212,9 @@ def _notes(bench: Bench, counts: dict[str, tuple[float, float]]) -> None:
             f"{commits:.1f} commits (pg_stat_database) per execution"
         )
     bench.note(
-        f"SQLAlchemy {sa.__version__}; 'new conns' = connections opened during the timed runs"
+        f"SQLAlchemy {sa.__version__}; 'client CPU' = this process's CPU time per execution "
+        "(PostgreSQL's and the Celery worker's not included); 'new conns' = connections "
+        "opened during the timed runs"
     )
     best = next(
         (m for m in bench.measurements if m.system == "AsyncJobRunner" and m.concurrency > 1),
