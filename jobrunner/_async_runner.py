@@ -22,6 +22,7 @@ from ._base import (
     IdLike,
     StatusFilter,
     _as_id,
+    _full_url,
     _interval,
     _missing,
     _prune_plan,
@@ -37,6 +38,7 @@ from ._engine import (
     make_async_engine,
     make_sync_engine,
 )
+from ._errors_db import WrongEventLoop
 from ._exceptions import (
     ConfigurationError,
     LeaseLost,
@@ -114,7 +116,16 @@ class AsyncJobRunner(_RunnerBase):
         self._engine_options = engine_options
         self._sync: SyncPhases | None = None
         self._sync_lock = threading.Lock()
-        self._phases = AsyncPhases(self.engine, self.url, self._sync_phases)
+        self._autocommit_engine = (
+            make_async_engine(
+                _full_url(self.engine), isolation_level="AUTOCOMMIT", **engine_options
+            )
+            if engine is None and self.engine.dialect.name == "postgresql"
+            else None
+        )
+        self._phases = AsyncPhases(
+            self.engine, self.url, self._sync_phases, self._autocommit_engine
+        )
         self._heartbeat_interval = _interval(heartbeat_interval)
         self._heartbeat = AsyncHeartbeat(
             self._inflight, self._phases.tx, _interval(heartbeat_interval)
@@ -141,6 +152,8 @@ class AsyncJobRunner(_RunnerBase):
         if self.loop_monitor is not None:
             await self.loop_monitor.stop()
         await self.engine.dispose()
+        if self._autocommit_engine is not None:
+            await self._autocommit_engine.dispose()
         if self._sync is not None:
             self._sync.engine.dispose()
 
@@ -350,10 +363,7 @@ class AsyncJobRunner(_RunnerBase):
                         "('sqlite+aiosqlite:///jobs.db') or make those phases async"
                     )
                 self._sync = SyncPhases(
-                    make_sync_engine(
-                        url.render_as_string(hide_password=False), **self._engine_options
-                    ),
-                    self.url,
+                    make_sync_engine(_full_url(self.engine), **self._engine_options), self.url
                 )
             return self._sync
 
@@ -403,7 +413,7 @@ class AsyncJobRunner(_RunnerBase):
             self._lost(state, exc)
             return await self.get(state.execution_id)
         except BaseException:
-            if state.error is None:
+            if state.error is None or isinstance(state.failure, WrongEventLoop):
                 raise
             execution = await phases.finish_failure(state, state.final_status(), None)
             self._log_end(state, execution)

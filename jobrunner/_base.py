@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
+from sqlalchemy import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from ._attempt import AttemptState, new_row, utcnow
 from ._exceptions import (
     ConfigurationError,
@@ -324,6 +327,11 @@ def _extra(state: AttemptState) -> dict[str, Any]:
         "job": state.job_cls.name,
         "phase": state.phase,
     }
+
+
+def _full_url(engine: Engine | AsyncEngine) -> str:
+    """The engine's URL with its password, to build a companion engine from."""
+    return str(engine.url.render_as_string(hide_password=False))
 
 
 def _missing(execution_id: uuid.UUID) -> NoReturn:

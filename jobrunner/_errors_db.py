@@ -9,6 +9,12 @@ from sqlalchemy import exc as sa_exc
 
 from ._exceptions import ConfigurationError, DatabaseUnavailable, SchemaMissing
 
+
+class WrongEventLoop(ConfigurationError):
+    """An AsyncJobRunner used from a loop other than its own: a bug in the caller, raised
+    to it, never recorded as the job's failure."""
+
+
 _MISSING_TABLE = ("no such table", "does not exist", "undefinedtable")
 _WRONG_LOOP = ("attached to a different loop", "another operation is in progress")
 
@@ -17,7 +23,7 @@ def translate(exc: BaseException, url: str) -> Exception | None:
     """A jobrunner error for ``exc`` raised by framework SQL, or None to leave it."""
     text = str(exc).lower()
     if any(marker in text for marker in _WRONG_LOOP):
-        return ConfigurationError(
+        return WrongEventLoop(
             "this AsyncJobRunner's async engine belongs to the event loop it first ran on, "
             "and was used from another loop (asyncpg: 'attached to a different loop' / "
             "'another operation is in progress'). Create one AsyncJobRunner per event loop "

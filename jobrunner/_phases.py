@@ -75,12 +75,12 @@ def make_job(
 class SyncPhases:
     """Phases over a sync engine (psycopg / sqlite3): no event loop anywhere."""
 
-    def __init__(self, engine: Engine, url: str) -> None:
+    def __init__(self, engine: Engine, url: str, autocommit: Engine | None = None) -> None:
         self.engine = engine
         self.url = url
         self.phase_sessions = sessionmaker(engine, class_=PhaseSession, expire_on_commit=False)
         self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self._autocommit = _autocommit(engine)
+        self._autocommit = autocommit or _autocommit(engine)
 
     @contextlib.contextmanager
     def tx(self, *, single: bool = False) -> Iterator[Connection]:
@@ -195,7 +195,11 @@ class AsyncPhases:
     """Phases over an async engine (asyncpg / aiosqlite); sync phases go to threads."""
 
     def __init__(
-        self, engine: AsyncEngine, url: str, sync_phases: Callable[[], SyncPhases]
+        self,
+        engine: AsyncEngine,
+        url: str,
+        sync_phases: Callable[[], SyncPhases],
+        autocommit: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
         self.url = url
@@ -203,7 +207,7 @@ class AsyncPhases:
             engine, expire_on_commit=False, sync_session_class=PhaseSession
         )
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
-        self._autocommit = _autocommit(engine)
+        self._autocommit = autocommit or _autocommit(engine)
         self._sync_phases = sync_phases
         self.health: LoopHealth | None = None
 
@@ -380,7 +384,12 @@ _E = TypeVar("_E", Engine, AsyncEngine)
 
 
 def _autocommit(engine: _E) -> _E | None:
-    """An autocommit view of a PostgreSQL engine (same pool), for one-statement writes."""
+    """An autocommit view of a PostgreSQL engine (same pool), for one-statement writes.
+
+    Runners built from a URL pass a dedicated autocommit engine instead: switching a
+    pooled connection's isolation level on every checkout and back costs more than the
+    round trips autocommit saves.
+    """
     if engine.dialect.name != "postgresql":
         return None  # SQLite's BEGIN IMMEDIATE is what makes its writers queue: keep it
     return engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -20,6 +20,7 @@ from ._base import (
     IdLike,
     StatusFilter,
     _as_id,
+    _full_url,
     _interval,
     _missing,
     _prune_plan,
@@ -33,6 +34,7 @@ from ._engine import (
     display_url,
     make_sync_engine,
 )
+from ._errors_db import WrongEventLoop
 from ._exceptions import (
     ConfigurationError,
     LeaseLost,
@@ -97,7 +99,12 @@ class JobRunner(_RunnerBase):
             engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
         )
         self.url = display_url(self.engine.url)
-        self._phases = SyncPhases(self.engine, self.url)
+        self._autocommit_engine = (
+            make_sync_engine(_full_url(self.engine), isolation_level="AUTOCOMMIT", **engine_options)
+            if engine is None and self.engine.dialect.name == "postgresql"
+            else None
+        )
+        self._phases = SyncPhases(self.engine, self.url, self._autocommit_engine)
         self._heartbeat_interval = _interval(heartbeat_interval)
         self._heartbeat = SyncHeartbeat(
             self._inflight, self._phases.tx, _interval(heartbeat_interval)
@@ -114,6 +121,8 @@ class JobRunner(_RunnerBase):
         """Stop the heartbeat and dispose of the engine's connections."""
         self._heartbeat.stop()
         self.engine.dispose()
+        if self._autocommit_engine is not None:
+            self._autocommit_engine.dispose()
 
     def __enter__(self) -> Self:
         return self
@@ -376,7 +385,7 @@ class JobRunner(_RunnerBase):
             self._lost(state, exc)
             return self.get(state.execution_id)
         except BaseException:
-            if state.error is None:
+            if state.error is None or isinstance(state.failure, WrongEventLoop):
                 raise
             execution = phases.finish_failure(state, state.final_status(), None)
             self._log_end(state, execution)

@@ -97,6 +97,8 @@ def runner(backend: Backend) -> Iterator[JobRunner]:
     r = JobRunner(backend.url, registry=Registry())
     yield r
     assert_no_checked_out(r.engine.pool, "JobRunner")
+    if r._autocommit_engine is not None:
+        assert_no_checked_out(r._autocommit_engine.pool, "JobRunner autocommit engine")
     r.close()
 
 
@@ -106,6 +108,8 @@ async def arunner(backend: Backend) -> AsyncIterator[AsyncJobRunner]:
     r = AsyncJobRunner(backend.url, registry=Registry())
     yield r
     assert_no_checked_out(r.engine.pool, "AsyncJobRunner")
+    if r._autocommit_engine is not None:
+        assert_no_checked_out(r._autocommit_engine.pool, "AsyncJobRunner autocommit engine")
     if r._sync is not None:
         assert_no_checked_out(r._sync.engine.pool, "AsyncJobRunner sync engine")
     await r.aclose()
