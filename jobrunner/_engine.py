@@ -13,6 +13,9 @@ from sqlalchemy.pool import QueuePool
 
 from ._exceptions import ConfigurationError
 
+#: Connections a jobrunner PostgreSQL engine keeps open unless ``pool_size`` is given.
+DEFAULT_POOL_SIZE = 10
+
 #: The embedded default used by the CLI and the demo.
 DEFAULT_URL = "sqlite:///jobrunner.db"
 
@@ -67,6 +70,11 @@ def _engine_kwargs(url: URL, options: dict[str, Any]) -> dict[str, Any]:
         if is_memory_sqlite(url):
             # One connection holds the whole in-memory database; callers queue for it.
             kwargs.update(poolclass=QueuePool, pool_size=1, max_overflow=0)
+    elif "poolclass" not in options:
+        # SQLAlchemy's default of 5 is too small for a worker: connections over pool_size
+        # are "overflow", closed on return and reopened on the next checkout, which at 8
+        # concurrent executions costs more than the work (see docs/benchmarks.md).
+        kwargs["pool_size"] = DEFAULT_POOL_SIZE
     kwargs.update(options)
     return kwargs
 
