@@ -9,7 +9,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
 from ._exceptions import ConfigurationError
 
@@ -63,13 +63,14 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def _engine_kwargs(url: URL, options: dict[str, Any]) -> dict[str, Any]:
+def _engine_kwargs(url: URL, options: dict[str, Any], *, is_async: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False}
         if is_memory_sqlite(url):
             # One connection holds the whole in-memory database; callers queue for it.
-            kwargs.update(poolclass=QueuePool, pool_size=1, max_overflow=0)
+            pool = AsyncAdaptedQueuePool if is_async else QueuePool
+            kwargs.update(poolclass=pool, pool_size=1, max_overflow=0)
     elif "poolclass" not in options:
         # SQLAlchemy's default of 5 is too small for a worker: connections over pool_size
         # are "overflow", closed on return and reopened on the next checkout, which at 8
@@ -89,7 +90,7 @@ def make_sync_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: A
     """A sync engine for ``url`` (psycopg / sqlite3), SQLite tuned for concurrency."""
     parsed = parse_url(url, is_async=False)
     try:
-        engine = create_engine(parsed, **_engine_kwargs(parsed, options))
+        engine = create_engine(parsed, **_engine_kwargs(parsed, options, is_async=False))
     except (ImportError, NoSuchModuleError) as exc:
         raise _wrap_driver_error(parsed, exc) from exc
     if parsed.get_backend_name() == "sqlite":
@@ -101,7 +102,7 @@ def make_async_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: 
     """An async engine for ``url`` (asyncpg / aiosqlite), SQLite tuned for concurrency."""
     parsed = parse_url(url, is_async=True)
     try:
-        engine = create_async_engine(parsed, **_engine_kwargs(parsed, options))
+        engine = create_async_engine(parsed, **_engine_kwargs(parsed, options, is_async=True))
     except (ImportError, NoSuchModuleError) as exc:
         raise _wrap_driver_error(parsed, exc) from exc
     if parsed.get_backend_name() == "sqlite":
