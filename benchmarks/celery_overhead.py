@@ -213,8 +213,9 @@ class Rig:
             import redis
 
             client = redis.Redis.from_url(self.broker)
-            for q in self.queues:
-                client.delete(q, f"_kombu.binding.{q}")
+            for q in self.queues:  # messages and bindings of this run's queues
+                for key in client.scan_iter(match=f"*{q}*"):
+                    client.delete(key)
             client.close()
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import sqlalchemy as sa
 from celery import Celery
 
@@ -57,6 +58,17 @@ def broker_url() -> Iterator[str]:
                 pytest.fail(f"JOBRUNNER_REQUIRE_BROKER=1 but {how}")
             pytest.skip(how)
         yield url.rpartition("/")[0] + f"/{random.randint(1, 15)}"
+
+
+def _forget(broker: str, *queues: str) -> None:
+    """Delete every Redis key of these (run-unique) queues: messages, bindings."""
+    client = redis.Redis.from_url(broker)
+    try:
+        for queue in queues:
+            for key in client.scan_iter(match=f"*{queue}*"):
+                client.delete(key)
+    finally:
+        client.close()
 
 
 def _client(broker: str, url: str, queue: str) -> tuple[Celery, CeleryJobs]:
@@ -181,8 +193,7 @@ def _spawn(url: str, broker: str, folder: Path, pool: str, concurrency: int) -> 
     finally:
         w.stop()
         jobs.close()
-        with app.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
+        _forget(broker, queue)
 
 
 def _logs_clean(logs: str) -> None:
@@ -353,12 +364,11 @@ def test_enqueue_sends_once_per_idempotency_key(broker_url: str, backend: Backen
         with app.connection_for_write() as conn:
             _, depth, _ = conn.default_channel.queue_declare(queue, passive=True)
             assert depth == 1
-            message = conn.default_channel.basic_get(queue)
+            message = conn.default_channel.basic_get(queue, no_ack=True)
             assert message.headers["id"] == execution.external_id
             assert message.headers["task"] == TASK_NAME
     finally:
-        with app.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
+        _forget(broker_url, queue)
         jobs.close()
 
 
@@ -400,7 +410,8 @@ def test_add_periodic_checks_job_args_and_schedule() -> None:
 def test_example_app_runs(broker_url: str, tmp_path: Path) -> None:
     """examples/celery_app: its worker runs the sync and the async job enqueue.py sends."""
     folder = ROOT / "examples" / "celery_app"
-    env = {"CELERY_BROKER_URL": broker_url, "CELERY_QUEUE": f"example-{uuid.uuid4().hex[:10]}",
+    queue = f"jobrunner-example-{uuid.uuid4().hex[:10]}"
+    env = {"CELERY_BROKER_URL": broker_url, "CELERY_QUEUE": queue,
            "JOBRUNNER_DATABASE_URL": f"sqlite:///{tmp_path / 'example.db'}",
            "PYTHONPATH": str(ROOT)}
     log = tmp_path / "worker.log"
@@ -414,6 +425,7 @@ def test_example_app_runs(broker_url: str, tmp_path: Path) -> None:
     finally:
         worker.terminate()
         worker.wait(30)
+        _forget(broker_url, queue)
     assert out.returncode == 0, out.stdout + out.stderr + log.read_text()
     assert "example.count_words: succeeded -> {'words': 4}" in out.stdout
     assert "example.fetch_greeting: succeeded -> 'hello, celery" in out.stdout
