@@ -34,7 +34,7 @@ from jobrunner.contrib.celery import TASK_NAME, CeleryJobs, EnqueueFailed, insta
 
 from . import celery_jobs
 from ._services import free_port, redis_server, scratch_database
-from .conftest import Backend
+from .conftest import Backend, assert_no_checked_out
 from .support import make_notes_table, note_texts
 
 pytestmark = pytest.mark.broker
@@ -192,6 +192,8 @@ def _spawn(url: str, broker: str, folder: Path, pool: str, concurrency: int) -> 
         yield w
     finally:
         w.stop()
+        if jobs._sync is not None:
+            assert_no_checked_out(jobs.runner.engine.pool, "the client's JobRunner")
         jobs.close()
         _forget(broker, queue)
 
