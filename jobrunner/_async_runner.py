@@ -220,8 +220,21 @@ class AsyncJobRunner(_RunnerBase):
             self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
 
-    async def run_execution(self, execution_id: IdLike) -> Execution:
-        """Claim and run a pending or retrying execution; finished ones are returned as is."""
+    async def run_execution(self, execution_id: IdLike, *, job: JobRef | None = None) -> Execution:
+        """Claim and run a pending or retrying execution; finished ones are returned as is.
+
+        ``job`` is an optional hint that saves reading the row first (see JobRunner).
+        """
+        hinted = self._hinted(job)
+        if hinted is not None:
+            eid = _as_id(execution_id)
+            async with self._phases.tx(single=True) as conn:
+                row = await conn.run_sync(
+                    lambda c: q.claim(c, eid, worker=self.worker_id, now=utcnow(), phase="load")
+                )
+            if row is None:
+                return await self.get(eid)
+            return await self._drive(self._claimed_one(hinted, row))
         current = await self.get(execution_id)
         job_cls = self._claimable(current)
         if job_cls is None:

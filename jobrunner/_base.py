@@ -201,6 +201,23 @@ class _RunnerBase:
     def _can_run(self, job_cls: type[PhasedJob]) -> bool:
         return True
 
+    def _hinted(self, job: JobRef | None) -> type[PhasedJob] | None:
+        """The hinted job class when run_execution may claim without reading the row:
+        runnable here, and without a concurrency limit (which needs the row's key)."""
+        if job is None:
+            return None
+        job_cls = self.registry.resolve(job)
+        self._check_runnable(job_cls)
+        return job_cls if job_cls.max_concurrency is None else None
+
+    def _claimed_one(self, hinted: type[PhasedJob], row: dict[str, Any]) -> AttemptState:
+        """The state of a row claimed on a hint; the row, not the hint, names the job."""
+        job_cls = hinted
+        if row["job"] != hinted.name:
+            job_cls = self.registry.resolve_row(row["job"], row["handler"])
+            self._check_runnable(job_cls)
+        return AttemptState.claimed(job_cls, row, worker=self.worker_id)
+
     def _claimed(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[AttemptState]:
         return [
             AttemptState.claimed(

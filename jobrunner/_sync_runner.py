@@ -192,11 +192,19 @@ class JobRunner(_RunnerBase):
             self._inline(job_cls, args, triggered_by=triggered_by, external_id=external_id)
         )
 
-    def run_execution(self, execution_id: IdLike) -> Execution:
+    def run_execution(self, execution_id: IdLike, *, job: JobRef | None = None) -> Execution:
         """Claim and run a pending or retrying execution (e.g. one submitted elsewhere).
 
         An execution that already finished, or is running elsewhere, is returned as is.
+        ``job`` is an optional hint (a queue message may carry it): with it, the runner
+        claims at once instead of reading the row first, saving a round trip.
         """
+        hinted = self._hinted(job)
+        if hinted is not None:
+            eid = _as_id(execution_id)
+            with self._phases.tx(single=True) as conn:
+                row = q.claim(conn, eid, worker=self.worker_id, now=utcnow(), phase="load")
+            return self.get(eid) if row is None else self._drive(self._claimed_one(hinted, row))
         current = self.get(execution_id)
         job_cls = self._claimable(current)
         if job_cls is None:

@@ -392,3 +392,21 @@ def test_idempotency_key_returns_the_first_execution(runner: JobRunner) -> None:
     ran = runner.run(Greet, {"who": "b"}, idempotency_key="k2")
     assert runner.run(Greet, {"who": "b"}, idempotency_key="k2").id == ran.id
     assert len(runner.list()) == 2
+
+
+def test_run_execution_with_a_job_hint_claims_without_reading_first(runner: JobRunner) -> None:
+    """A job hint (as a queue message carries) runs it; the row, not the hint, names the job."""
+    from .jobs import Greet
+
+    class Other(PhasedJob):
+        name = "other"
+
+        def execute(self, loaded: Any) -> str:
+            return "other ran"
+
+    runner.registry.register(Other)
+    eid = runner.submit(Greet, {"who": "hint"})
+    assert runner.run_execution(eid, job=Greet).result == "hello hint"
+    assert runner.run_execution(eid, job=Greet).attempt == 1  # finished: returned as is
+    wrong = runner.submit(Greet, {"who": "row"})
+    assert runner.run_execution(wrong, job=Other).result == "hello row"

@@ -356,13 +356,13 @@ class CeleryJobs:
         if execution_id is None:
             execution_id = self._submit_tick(job, args, task_id)
         eid = uuid.UUID(str(execution_id))
-        job_cls = self._hinted(job)
+        job_cls = hinted = self._hinted(job)
         if job_cls is None:
             current = self.runner.get(eid)
             if current.status.value not in _CLAIMABLE or current.cancel_requested:
                 return _ignored(current)
             job_cls = self._resolve_row(current)
-        execution, scheduled = self._run(job_cls, eid)
+        execution, scheduled = self._run(job_cls, eid, hinted)
         for waiting in scheduled:
             self._reschedule(waiting, reply or {})
         return {"execution_id": str(execution.id), "status": execution.status.value}
@@ -395,22 +395,25 @@ class CeleryJobs:
         )
 
     def _run(
-        self, job_cls: type[PhasedJob], execution_id: uuid.UUID
+        self, job_cls: type[PhasedJob], execution_id: uuid.UUID, hinted: type[PhasedJob] | None
     ) -> tuple[Execution, list[Execution]]:
         if job_cls.spec.async_phases:
-            return process_loop().run(self._run_async(execution_id))
+            return process_loop().run(self._run_async(execution_id, hinted))
         scheduled: list[Execution] = []
         token = _scheduled.set(scheduled)
         try:
-            return self.runner.run_execution(execution_id), scheduled
+            # With the job known from the message the runner claims without a read first.
+            return self.runner.run_execution(execution_id, job=hinted), scheduled
         finally:
             _scheduled.reset(token)
 
-    async def _run_async(self, execution_id: uuid.UUID) -> tuple[Execution, list[Execution]]:
+    async def _run_async(
+        self, execution_id: uuid.UUID, hinted: type[PhasedJob] | None
+    ) -> tuple[Execution, list[Execution]]:
         scheduled: list[Execution] = []
         _scheduled.set(scheduled)  # this coroutine's task has its own context
         runner = await self._async_runner()
-        return await runner.run_execution(execution_id), scheduled
+        return await runner.run_execution(execution_id, job=hinted), scheduled
 
     def _on_retry_scheduled(self, execution: Execution) -> None:
         pending = _scheduled.get()
