@@ -14,7 +14,11 @@ from typing import Any
 
 #: Extra columns shown per benchmark: JSON key -> header.
 EXTRAS: dict[str, dict[str, str]] = {
-    "throughput": {"cpu_ms": "client CPU ms/exec", "connects": "new conns"},
+    "throughput": {
+        "cpu_ms": "client CPU ms/exec",
+        "pool_size": "pool_size",
+        "connects": "new conns",
+    },
     "pool": {
         "connections": "connections",
         "waited": "waits > 1 ms",

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.pool import QueuePool
 
 from jobrunner import AsyncJobRunner, JobRunner, Registry
 
@@ -53,7 +54,7 @@ def run(bench: Bench) -> None:
     _notes(bench, counts)
     bench.table(
         f"throughput: {n:,} no-op executions, PostgreSQL",
-        {"cpu_ms": "client CPU ms/exec", "connects": "new conns"},
+        {"cpu_ms": "client CPU ms/exec", "pool_size": "pool_size", "connects": "new conns"},
     )
 
 
@@ -81,7 +82,7 @@ async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measure
         ("no-op execute", AsyncNoop, 1, {}, None),
         ("no-op execute", AsyncNoop, CONCURRENCY, {"pool_size": CONCURRENCY}, None),
         ("load+execute+record", AsyncNoopPhases, CONCURRENCY, {"pool_size": CONCURRENCY}, 1),
-        ("default pool (5+10)", AsyncNoop, CONCURRENCY, {}, 1),
+        ("runner's default pool", AsyncNoop, CONCURRENCY, {}, 1),
     ]
     for variant, job, conc, engine_options, repeat in variants:
         await bench.ameasure(
@@ -122,7 +123,10 @@ async def _async_runner(
             await run_many(lambda: runner.run(job), 10 * concurrency, concurrency)  # warm up
             counter.reset()
             sample = await run_many_sample(lambda: runner.run(job), n, concurrency)
-        return Sample(seconds=sample.seconds, extra={**sample.extra, "connects": counter.connects})
+        pool = runner.engine.pool
+        size = pool.size() if isinstance(pool, QueuePool) else None
+        extra = {**sample.extra, "connects": counter.connects, "pool_size": size}
+        return Sample(seconds=sample.seconds, extra=extra)
     finally:
         await runner.aclose()
 
