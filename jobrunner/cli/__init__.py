@@ -1,0 +1,84 @@
+"""The ``jobrunner`` command: inspect and operate executions.
+
+Global options go before the command: ``jobrunner --database-url URL --app myapp.jobs
+list``. Every command takes ``--json`` for scripts (one JSON document on stdout).
+Errors print one line on stderr (``--debug`` shows the traceback). Exit codes: 0 done;
+1 an error (unreachable database, unknown execution or job, a run that did not
+succeed, a failed check); 2 bad input on the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+
+# The commands read the registry from here at call time, so this is the one to replace.
+from .._registry import default_registry as default_registry
+from ._admin import check, demo, migrate
+from ._context import root
+from ._errors import BadInput
+from ._operate import cancel, prune, reap, retry, run
+from ._output import console, emit_json, err_console, execution_json
+from ._parse import IdArgument, JsonOption, parse_window
+from ._read import attempts, jobs, list_, show, stats
+from ._tables import attempts_table, executions_table
+
+__all__ = [
+    "BadInput",
+    "IdArgument",
+    "JsonOption",
+    "app",
+    "attempts",
+    "attempts_table",
+    "cancel",
+    "check",
+    "console",
+    "demo",
+    "emit_json",
+    "err_console",
+    "execution_json",
+    "executions_table",
+    "jobs",
+    "list_",
+    "main",
+    "migrate",
+    "parse_window",
+    "prune",
+    "reap",
+    "retry",
+    "run",
+    "show",
+    "stats",
+]
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(
+    help="Inspect and operate jobrunner executions.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.callback()(root)
+# Registered in the order `jobrunner --help` lists them.
+app.command("list")(list_)
+for _command in (
+    show,
+    attempts,
+    stats,
+    jobs,
+    retry,
+    cancel,
+    prune,
+    reap,
+    run,
+    check,
+    migrate,
+    demo,
+):
+    app.command()(_command)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    app()

@@ -1,0 +1,181 @@
+"""Rich tables for people: executions, attempts, one execution's details, stats, jobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from .._job import PHASES, PhasedJob
+from .._records import Attempt, Execution, JobStats
+from .._schema import ExecutionStatus
+from ._output import json_default
+
+_STATUS_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "timed_out": "red",
+    "running": "cyan",
+    "retrying": "yellow",
+    "pending": "white",
+    "cancelled": "magenta",
+    "abandoned": "red",
+}
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.1f} ms"
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+
+
+def _status(status: ExecutionStatus) -> Text:
+    return Text(status.value, style=_STATUS_STYLE.get(status.value, ""))
+
+
+def _error(error_type: str | None, message: str | None, limit: int = 120) -> Text:
+    return Text(f"{error_type}: {message}"[:limit] if error_type else "", style="red")
+
+
+def _table(title: str, columns: Sequence[str], *, folding: Sequence[str]) -> Table:
+    """A compact table: short columns never wrap, ``folding`` ones take what is left."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for column in columns:
+        if column in folding:
+            table.add_column(column, overflow="fold", min_width=min(len(column), 6))
+        else:
+            table.add_column(column, no_wrap=True)
+    return table
+
+
+def executions_table(executions: list[Execution], title: str = "executions") -> Table:
+    """A rich table of executions for people (times in UTC)."""
+    table = _table(
+        title,
+        ("id", "status", "job / error", "attempt", "duration", "started (UTC)", "triggered by"),
+        folding=("job / error", "triggered by", "started (UTC)"),
+    )
+    # Job names stay whole where they can; the error under them folds.
+    table.columns[2].min_width = min(30, max((len(e.job) for e in executions), default=0))
+    for e in executions:
+        job = Text(e.job)
+        if e.error_type:
+            job.append("\n").append_text(_error(e.error_type, e.error_message))
+        table.add_row(
+            str(e.id)[:8],
+            _status(e.status),
+            job,
+            f"{e.attempt}/{e.max_attempts}",
+            _ms(e.duration_ms),
+            _when(e.started_at),
+            Text(e.triggered_by),
+        )
+    return table
+
+
+def attempts_table(attempts: list[Attempt]) -> Table:
+    """The attempt ledger of one execution for people."""
+    table = _table(
+        "attempts",
+        ("#", "status", "phase", "from", "started (UTC)", "load / execute / record", "error"),
+        folding=("started (UTC)", "load / execute / record", "error"),
+    )
+    for a in attempts:
+        table.add_row(
+            str(a.number),
+            _status(a.status),
+            a.phase or "-",
+            a.resumed_from,
+            _when(a.started_at),
+            f"{_ms(a.load_ms)} / {_ms(a.execute_ms)} / {_ms(a.record_ms)}",
+            _error(a.error_type, a.error_message),
+        )
+    return table
+
+
+def details(e: Execution) -> Table:
+    """Everything about one execution, a field a row."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    rows: list[tuple[str, str | Text]] = [
+        ("id", str(e.id)),
+        ("job", Text(f"{e.job}  ({e.handler})")),
+        ("status", Text.assemble(_status(e.status), f"  phase: {e.phase or '-'}")),
+        ("attempt", f"{e.attempt} of {e.max_attempts}"),
+        ("triggered by", Text(e.triggered_by)),
+        ("worker", Text(e.worker or "-")),
+        ("created", _when(e.created_at) + " UTC"),
+        ("started", _when(e.started_at)),
+        ("finished", _when(e.finished_at)),
+        ("duration", _ms(e.duration_ms)),
+        (
+            "phases",
+            f"load {_ms(e.load_ms)} · execute {_ms(e.execute_ms)} · record {_ms(e.record_ms)}",
+        ),
+        ("max loop lag", _ms(e.max_loop_lag_ms)),
+        ("args", Text(json.dumps(e.args, default=json_default))),
+        ("checkpoint", Text(json.dumps(e.result, default=json_default)) if e.checkpointed else "-"),
+    ]
+    optional = {
+        "next retry": _when(e.next_retry_at) if e.next_retry_at else None,
+        "idempotency key": e.idempotency_key,
+        "external id": e.external_id,
+        "concurrency key": e.concurrency_key,
+        "cancel requested": "yes" if e.cancel_requested else None,
+        "error": f"{e.error_type}: {e.error_message}" if e.error_type else None,
+    }
+    rows += [(key, Text(value)) for key, value in optional.items() if value]
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def stats_table(rows: list[JobStats], since: str) -> Table:
+    """Counts and p50/p95 durations per job and status."""
+    table = _table(
+        f"executions created in the window ({since})",
+        ("job", "status", "count", "p50", "p95"),
+        folding=("job",),
+    )
+    for column in table.columns[2:]:
+        column.justify = "right"
+    for r in rows:
+        table.add_row(Text(r.job), _status(r.status), str(r.count), _ms(r.p50_ms), _ms(r.p95_ms))
+    return table
+
+
+def jobs_table(registered: list[type[PhasedJob]]) -> Table:
+    """Registered jobs: name, handler, phases, retry policy, timeout."""
+    table = _table(
+        "jobs",
+        ("name", "handler", "phases", "retry", "timeout"),
+        folding=("name", "handler", "phases", "retry"),
+    )
+    for job in registered:
+        timeout = f"{job.timeout:g}s" if job.timeout is not None else "-"
+        table.add_row(
+            Text(job.name), Text(job.handler), _phases(job), job.retry.describe(), timeout
+        )
+    return table
+
+
+def _phases(job: type[PhasedJob]) -> str:
+    return ", ".join(
+        f"{p} (async)" if job.spec.is_async(p) else p for p in PHASES if job.spec.runs(p)
+    )
