@@ -118,7 +118,10 @@ class AsyncJobRunner(_RunnerBase):
         self._sync_lock = threading.Lock()
         self._autocommit_engine = (
             make_async_engine(
-                _full_url(self.engine), isolation_level="AUTOCOMMIT", **engine_options
+                _full_url(self.engine),
+                isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,  # autocommit: no transaction to roll back
+                **engine_options,
             )
             if engine is None and self.engine.dialect.name == "postgresql"
             else None

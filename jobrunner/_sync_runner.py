@@ -100,7 +100,12 @@ class JobRunner(_RunnerBase):
         )
         self.url = display_url(self.engine.url)
         self._autocommit_engine = (
-            make_sync_engine(_full_url(self.engine), isolation_level="AUTOCOMMIT", **engine_options)
+            make_sync_engine(
+                _full_url(self.engine),
+                isolation_level="AUTOCOMMIT",
+                pool_reset_on_return=None,  # autocommit: no transaction to roll back
+                **engine_options,
+            )
             if engine is None and self.engine.dialect.name == "postgresql"
             else None
         )
