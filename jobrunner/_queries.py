@@ -108,12 +108,6 @@ def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
     return uuid.UUID(str(conn.execute(existing).scalar_one()))
 
 
-def find_by_idempotency_key(conn: Connection, key: str) -> Execution | None:
-    """The execution submitted earlier with ``key``, if any."""
-    row = conn.execute(select(executions).where(E.idempotency_key == key)).mappings().first()
-    return Execution.from_row(row) if row else None
-
-
 # -- claiming ----------------------------------------------------------------------------
 
 _CLAIM_SET = {
