@@ -30,10 +30,11 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -356,3 +357,41 @@ def started_at() -> str:
 def python_executable() -> str:
     """The interpreter running the benchmarks (subprocess workers use the same one)."""
     return sys.executable
+
+
+@contextlib.contextmanager
+def celery_worker(
+    app: Any,
+    *,
+    module: str,
+    node: str,
+    concurrency: int,
+    log_name: str,
+    queues: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A prefork Celery worker subprocess, answering ``ping`` on entry, stopped on exit."""
+    (ROOT / ".bench").mkdir(exist_ok=True)
+    args = [sys.executable, "-m", "celery", "-A", module, "worker", "--pool=prefork",
+            f"--concurrency={concurrency}", "-n", node]  # fmt: skip
+    if queues:
+        args += ["-Q", ",".join(queues)]
+    args += ["--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=WARNING"]
+    with (ROOT / ".bench" / log_name).open("w") as log:
+        proc = subprocess.Popen(
+            args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(env or os.environ)
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not app.control.ping(destination=[node], timeout=0.5):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Celery worker did not start; see .bench/{log_name}")
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ._harness import _fmt
+
 #: Extra columns shown per benchmark: JSON key -> header.
 EXTRAS: dict[str, dict[str, str]] = {
     "throughput": {
@@ -81,14 +83,6 @@ def _cells(r: dict[str, Any]) -> list[str]:
         f"{ms:.2f}" if ms is not None else "-",
         f"{ratio:.2f}" if ratio is not None else "-",
     ]
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.2f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _row(cells: list[str]) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from jobrunner._schema import attempts, executions
 
-from ._harness import ROOT, Sample
+from ._harness import Sample, celery_worker
 from ._jobs import cpu_ms, run_many, run_many_sample, truncate
 
 E = executions.c
@@ -139,34 +137,19 @@ class CeleryRig:
 
     @contextlib.contextmanager
     def worker(self) -> Iterator[CeleryRig]:
-        (ROOT / ".bench").mkdir(exist_ok=True)
-        log = (ROOT / ".bench" / "celery-worker.log").open("w")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks._celery_app", "worker",
-             "--pool=prefork", f"--concurrency={self.concurrency}", "-n", self.node,
-             "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--loglevel=WARNING"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-        )  # fmt: skip
+        worker = celery_worker(
+            self.app,
+            module="benchmarks._celery_app",
+            node=self.node,
+            concurrency=self.concurrency,
+            log_name="celery-worker.log",
+        )
         try:
-            self._wait_ready(proc)
-            yield self
+            with worker:
+                yield self
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
             self._forget_queues()
             self.engine.dispose()
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + 60
-        while not self.app.control.ping(destination=[self.node], timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the Celery worker did not start; see .bench/celery-worker.log")
 
     def run(self, n: int) -> Sample:
         """Send ``n`` tasks to a queue nobody consumes, then time the worker draining it."""

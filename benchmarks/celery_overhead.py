@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from celery import Celery
 from jobrunner._schema import attempts, executions
 from jobrunner.contrib.celery import install
 
-from ._harness import ROOT, Bench, Measurement, Sample
+from ._harness import Bench, Measurement, Sample, celery_worker
 from ._jobs import AsyncNoop, SyncNoop, create_schema, truncate
 
 BROKER_ENV = "JOBRUNNER_BENCH_BROKER"
@@ -137,37 +135,23 @@ class Rig:
 
     @contextlib.contextmanager
     def worker(self) -> Iterator[Rig]:
-        (ROOT / ".bench").mkdir(exist_ok=True)
         env = {**os.environ, BROKER_ENV: self.broker, "JOBRUNNER_DATABASE_URL": jobs.database_url}
-        with (ROOT / ".bench" / "celery-overhead-worker.log").open("w") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "benchmarks.celery_overhead", "worker",
-                 "--pool=prefork", f"--concurrency={CONCURRENCY}", "-n", self.node,
-                 "-Q", self.idle, "--without-gossip", "--without-mingle",
-                 "--without-heartbeat", "--loglevel=WARNING"],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-            try:
-                self._wait_ready(proc)
+        worker = celery_worker(
+            app,
+            module="benchmarks.celery_overhead",
+            node=self.node,
+            concurrency=CONCURRENCY,
+            log_name="celery-overhead-worker.log",
+            queues=[self.idle],
+            env=env,
+        )
+        try:
+            with worker:
                 yield self
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                self._forget_queues()
-                jobs.close()
-                self.engine.dispose()
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + 60
-        while not app.control.ping(destination=[self.node], timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "the Celery worker did not start; see .bench/celery-overhead-worker.log"
-                )
+        finally:
+            self._forget_queues()
+            jobs.close()
+            self.engine.dispose()
 
     def send_plain(self, n: int, queue: str) -> None:
         ids = [uuid.uuid4() for _ in range(n)]

@@ -11,7 +11,6 @@ exists to catch: ``time.sleep`` inside an ``async def`` execute, on the loop. If
 from __future__ import annotations
 
 import asyncio
-import inspect
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -180,57 +179,33 @@ def _percentiles(lags: list[float]) -> dict[str, Any]:
 
 
 async def _monitor_overhead(bench: Bench, seconds: float) -> None:
-    monitor_cls = getattr(jobrunner, "LoopMonitor", None)
-    if monitor_cls is None:
-        bench.note(
-            "TODO: jobrunner.LoopMonitor does not exist yet; its CPU overhead (target < 1% "
-            "at default settings) is not measured. Re-run once it lands."
-        )
-        return
     base = await bench.ameasure(
         system="idle loop",
         variant="no monitor (CPU baseline)",
         n=0,
         concurrency=0,
-        fn=lambda: _cpu(seconds, None),
+        fn=lambda: _cpu(seconds, monitor=False),
     )
-    try:
-        mon = await bench.ameasure(
-            system="idle loop",
-            variant="LoopMonitor, default settings",
-            n=0,
-            concurrency=0,
-            fn=lambda: _cpu(seconds, monitor_cls),
-        )
-    except Exception as exc:
-        bench.note(f"TODO: could not drive jobrunner.LoopMonitor ({type(exc).__name__}: {exc})")
-        return
+    mon = await bench.ameasure(
+        system="idle loop",
+        variant="LoopMonitor, default settings",
+        n=0,
+        concurrency=0,
+        fn=lambda: _cpu(seconds, monitor=True),
+    )
     overhead = mon.extra("cpu_overhead_pct") - base.extra("cpu_overhead_pct")
     verdict = "met" if overhead < 1 else "NOT met"
     bench.note(f"target LoopMonitor < 1% CPU: {verdict} ({overhead:.3f}% of a core over idle)")
 
 
-async def _cpu(seconds: float, monitor_cls: type[Any] | None) -> Sample:
+async def _cpu(seconds: float, *, monitor: bool) -> Sample:
     """CPU time of this process while the loop idles for ``seconds`` (with a monitor)."""
-    monitor = monitor_cls() if monitor_cls is not None else None
-    if monitor is not None:
-        await _call(monitor, "start", "__aenter__")
+    loop_monitor = jobrunner.LoopMonitor() if monitor else None
+    if loop_monitor is not None:
+        loop_monitor.start()
     cpu = time.process_time()
     await asyncio.sleep(seconds)
     used = time.process_time() - cpu
-    if monitor is not None:
-        await _call(monitor, "stop", "__aexit__")
+    if loop_monitor is not None:
+        await loop_monitor.stop()
     return Sample(seconds=seconds, extra={"cpu_overhead_pct": 100 * used / seconds})
-
-
-async def _call(monitor: Any, *names: str) -> None:
-    """Start or stop a monitor by whichever method it has (its API is still being built)."""
-    for name in names:
-        method = getattr(monitor, name, None)
-        if method is None:
-            continue
-        result = method(None, None, None) if name == "__aexit__" else method()
-        if inspect.isawaitable(result):
-            await result
-        return
-    raise TypeError(f"{type(monitor).__name__} has none of {', '.join(names)}")

@@ -261,24 +261,27 @@ def _outcome(execution: Execution) -> str:
 # -- runners, one per (database URL, event loop) ---------------------------------------------
 
 
-def _async_runner(url: str, loop: asyncio.AbstractEventLoop) -> AsyncJobRunner:
+def _shared_runner(url: str, loop: asyncio.AbstractEventLoop | None) -> AsyncJobRunner | JobRunner:
+    """The runner fires share: async per (URL, loop), sync per URL (``loop=None``)."""
     with _lock:
         runner = _runners.get((url, loop))
         if runner is None:
-            runner = AsyncJobRunner(url, registry=_registry(), **_settings.runner_options)
+            cls = JobRunner if loop is None else AsyncJobRunner
+            runner = cls(url, registry=_registry(), **_settings.runner_options)
             _runners[(url, loop)] = runner
-            logger.info("scheduled fires on this loop use %s", display_url(url))
+            where = "in threads" if loop is None else "on this loop"
+            logger.info("scheduled fires %s use %s", where, display_url(url))
+    return runner
+
+
+def _async_runner(url: str, loop: asyncio.AbstractEventLoop) -> AsyncJobRunner:
+    runner = _shared_runner(url, loop)
     assert isinstance(runner, AsyncJobRunner)
     return runner
 
 
 def _sync_runner(url: str) -> JobRunner:
-    with _lock:
-        runner = _runners.get((url, None))
-        if runner is None:
-            runner = JobRunner(url, registry=_registry(), **_settings.runner_options)
-            _runners[(url, None)] = runner
-            logger.info("scheduled fires in threads use %s", display_url(url))
+    runner = _shared_runner(url, None)
     assert isinstance(runner, JobRunner)
     return runner
 
