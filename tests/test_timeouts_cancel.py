@@ -21,6 +21,7 @@ from jobrunner import (
     Registry,
     RetryPolicy,
 )
+from jobrunner._attempt import utcnow
 
 from .conftest import Backend
 from .support import Counter
@@ -176,7 +177,10 @@ def test_cancel_pending_and_retrying_executions(backend: Backend) -> None:
         retrying = runner.run(Fails)
         assert retrying.status is ExecutionStatus.RETRYING
         assert runner.cancel(retrying.id).status is ExecutionStatus.CANCELLED
-        time.sleep(0.05)  # let the retry come due: it must still not run
+        due_at = retrying.next_retry_at
+        assert due_at is not None
+        while utcnow() <= due_at:  # the retry's time comes: it must still not run
+            time.sleep(0.005)
         assert runner.run_due() == []
         assert {e.status for e in runner.list()} == {ExecutionStatus.CANCELLED}
     finally:
