@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from ._exceptions import LoopBlocked
+from ._exceptions import ConfigurationError, LoopBlocked
 
 if TYPE_CHECKING:
     from ._attempt import AttemptState
@@ -223,7 +223,7 @@ class LoopMonitor:
 
     def __init__(self, *, interval: float = 0.05, threshold_ms: float = 100.0) -> None:
         if interval <= 0 or threshold_ms <= 0:
-            raise ValueError("LoopMonitor interval and threshold_ms must be positive")
+            raise ConfigurationError("LoopMonitor interval and threshold_ms must be positive")
         self.interval = interval
         self.threshold_ms = threshold_ms
         self.samples = 0

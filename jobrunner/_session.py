@@ -67,7 +67,7 @@ class SessionScope:
 
     def __init__(
         self,
-        sync_factory: Callable[[], sessionmaker[Session]] | None,
+        sync_factory: Callable[[], sessionmaker[Session]],
         async_factory: async_sessionmaker[AsyncSession] | None,
         runner_name: str,
     ) -> None:
@@ -83,8 +83,6 @@ class SessionScope:
                 "`with self.session()` was used on a running event loop; a sync session "
                 "would block it. Use `async with self.session() as session:` in async code."
             )
-        if self._sync_factory is None:
-            raise JobRunnerError(f"{self._runner_name} has no sync database engine")
         self._sync_cm = self._sync_factory().begin()
         session: Session = self._sync_cm.__enter__()
         return session
