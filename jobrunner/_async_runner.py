@@ -6,30 +6,25 @@ import asyncio
 import builtins
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
-import tenacity
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _queries as q
-from ._attempt import AttemptState, utcnow
+from ._attempt import AttemptState
 from ._base import (
-    RETRYABLE_BY_HAND,
-    RETRYING,
     IdLike,
     StatusFilter,
     _as_id,
     _full_url,
-    _interval,
     _missing,
     _prune_plan,
     _RunnerBase,
     _since,
     _statuses,
-    _StopRun,
 )
 from ._engine import (
     database_url,
@@ -38,11 +33,8 @@ from ._engine import (
     make_async_engine,
     make_sync_engine,
 )
-from ._errors_db import WrongEventLoop
-from ._exceptions import (
-    ConfigurationError,
-    LeaseLost,
-)
+from ._exceptions import ConfigurationError
+from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep, drive
 from ._inflight import AsyncHeartbeat, Running
 from ._job import PhasedJob
 from ._monitor import LoopHealth, LoopMonitor
@@ -50,6 +42,8 @@ from ._phases import AsyncPhases, SyncPhases, make_job
 from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry
 from ._session import SessionScope
+from ._threads import DaemonPool
+from ._worker import AsyncWorker, WorkOptions
 
 
 class AsyncJobRunner(_RunnerBase):
@@ -68,12 +62,16 @@ class AsyncJobRunner(_RunnerBase):
         registry: where job names and handler paths are looked up (default: the
             process-wide :data:`default_registry`).
         worker_id: this worker's name in leases and the ledger (default host:pid:random).
-        inline_retry_max_wait: retry waits up to this many seconds are slept inline;
-            longer ones end the run ``retrying`` for :meth:`run_due` (default 5).
+        inline_retry_max_wait: retry waits up to this many seconds are slept inline by
+            :meth:`run`; longer ones end the run ``retrying`` for a worker (default 5).
         on_retry_scheduled: called with the execution when a long wait left it
             ``retrying`` (integrations schedule it, e.g. as a Celery countdown).
-        heartbeat_interval: seconds between lease refreshes of running executions, in
-            one short transaction each (default 10; :meth:`reap` uses 3x by default).
+        heartbeat_interval: seconds between lease renewals of running executions, in
+            one short transaction each (default 10).
+        lease_duration: how long a claim (and each renewal) holds an execution, by the
+            database's clock (default three heartbeat intervals; at least two).
+        max_threads: the runner's own pool of threads for sync phases (default 32; a
+            worker grows it to its concurrency). Never the loop's default executor.
         slow_phase_threshold: log phases longer than this many seconds (None: never).
         loop_lag_threshold_ms: an async phase step holding the loop this long is logged
             with its execution and phase; the loop monitor logs lag above it (default 100).
@@ -95,6 +93,8 @@ class AsyncJobRunner(_RunnerBase):
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
         heartbeat_interval: float = 10.0,
+        lease_duration: float | None = None,
+        max_threads: int = 32,
         slow_phase_threshold: float | None = 10.0,
         loop_lag_threshold_ms: float = 100.0,
         strict_loop: bool = False,
@@ -108,6 +108,9 @@ class AsyncJobRunner(_RunnerBase):
             inline_retry_max_wait=inline_retry_max_wait,
             on_retry_scheduled=on_retry_scheduled,
             slow_phase_threshold=slow_phase_threshold,
+            heartbeat_interval=heartbeat_interval,
+            lease_duration=lease_duration,
+            max_threads=max_threads,
         )
         self.engine = (
             engine if engine is not None else make_async_engine(database_url(url), **engine_options)
@@ -126,13 +129,12 @@ class AsyncJobRunner(_RunnerBase):
             if engine is None and self.engine.dialect.name == "postgresql"
             else None
         )
+        self._pool = DaemonPool(self._max_threads, name="jobrunner-async")
         self._phases = AsyncPhases(
-            self.engine, self.url, self._sync_phases, self._autocommit_engine
+            self.engine, self.url, self._sync_phases, self._pool, self._autocommit_engine
         )
-        self._heartbeat_interval = _interval(heartbeat_interval)
-        self._heartbeat = AsyncHeartbeat(
-            self._inflight, self._phases.tx, _interval(heartbeat_interval)
-        )
+        self._heartbeat = AsyncHeartbeat(self._inflight, self._phases.tx, self._heartbeat_interval)
+        self._worker: AsyncWorker | None = None
         if monitor_loop or strict_loop:
             self._phases.health = LoopHealth(threshold_ms=loop_lag_threshold_ms, strict=strict_loop)
         self.loop_monitor: LoopMonitor | None = None
@@ -150,10 +152,11 @@ class AsyncJobRunner(_RunnerBase):
             await conn.run_sync(q.create_schema)
 
     async def aclose(self) -> None:
-        """Stop the heartbeat and dispose of the engines' connections."""
+        """Stop the heartbeat and the thread pool; dispose of the engines' connections."""
         await self._heartbeat.stop()
         if self.loop_monitor is not None:
             await self.loop_monitor.stop()
+        self._pool.shutdown(wait=False)
         await self.engine.dispose()
         if self._autocommit_engine is not None:
             await self._autocommit_engine.dispose()
@@ -176,12 +179,14 @@ class AsyncJobRunner(_RunnerBase):
         idempotency_key: str | None = None,
         triggered_by: str = "api",
         external_id: str | None = None,
-        due: bool = True,
+        queue: str | None = None,
+        priority: int | None = None,
     ) -> uuid.UUID:
-        """Validate ``args`` and store a pending execution; returns its id.
+        """Validate ``args`` and store a pending execution, due now; returns its id.
 
         With ``idempotency_key``, a second submit returns the first execution's id.
-        ``due=False`` leaves it to a queue (Celery) instead of :meth:`run_due`.
+        ``queue`` and ``priority`` override the job's. On PostgreSQL the commit wakes
+        idle workers (``LISTEN/NOTIFY``).
         """
         _, row = self._submission(
             job,
@@ -189,14 +194,17 @@ class AsyncJobRunner(_RunnerBase):
             idempotency_key=idempotency_key,
             triggered_by=triggered_by,
             external_id=external_id,
-            due=due,
+            queue=queue,
+            priority=priority,
         )
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(single=True) as conn:
             if idempotency_key is not None:
-                eid: uuid.UUID = await conn.run_sync(q.insert_unique, row)
-                return eid
-            await conn.run_sync(q.insert_execution, row)
-        return uuid.UUID(str(row["id"]))
+                execution_id: uuid.UUID = await conn.run_sync(q.insert_unique, row)
+            else:
+                await conn.run_sync(q.insert_execution, row)
+                execution_id = row["id"]
+        self._submitted()
+        return execution_id
 
     async def run(
         self,
@@ -224,46 +232,75 @@ class AsyncJobRunner(_RunnerBase):
         )
 
     async def run_execution(self, execution_id: IdLike, *, job: JobRef | None = None) -> Execution:
-        """Claim and run a pending or retrying execution; finished ones are returned as is.
-
-        ``job`` is an optional hint that saves reading the row first (see JobRunner).
-        """
+        """Claim and run a pending or retrying execution that is due (see JobRunner)."""
         hinted = self._hinted(job)
+        eid = _as_id(execution_id)
         if hinted is not None:
-            eid = _as_id(execution_id)
-            async with self._phases.tx(single=True) as conn:
-                row = await conn.run_sync(
-                    lambda c: q.claim(c, eid, worker=self.worker_id, now=utcnow(), phase="load")
-                )
+            row = await self._claim(eid, hinted, None)
             if row is None:
                 return await self.get(eid)
             return await self._drive(self._claimed_one(hinted, row))
-        current = await self.get(execution_id)
+        current = await self.get(eid)
         job_cls = self._claimable(current)
         if job_cls is None:
             return current
-        return await self._claim_and_drive(job_cls, current)
+        row = await self._claim(eid, job_cls, self._concurrency(job_cls, current))
+        return await self.get(eid) if row is None else await self._drive(self._state(job_cls, row))
 
-    async def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
-        """Claim and run executions whose time has come (retries, plain submits)."""
-        jobs, limits = self._runnable_jobs(), self._limits()
-        async with self._phases.tx() as conn:
-            rows = await conn.run_sync(
-                lambda c: q.claim_due(
-                    c, worker=self.worker_id, now=utcnow(), limit=limit, jobs=jobs, limits=limits
-                )
+    async def run_due(
+        self, *, limit: int = 100, concurrency: int = 8, queues: Sequence[str] | None = None
+    ) -> builtins.list[Execution]:
+        """Run executions that are due now, ``concurrency`` at a time, claiming each just
+        before it runs; at most ``limit``. Returns them in the order they finished."""
+        return await self._work(
+            WorkOptions.for_run_due(limit=limit, concurrency=concurrency, queues=queues)
+        )
+
+    async def work(
+        self,
+        *,
+        concurrency: int = 8,
+        queues: Sequence[str] | None = None,
+        until_idle: bool = False,
+        poll_interval: float = 1.0,
+        grace_period: float = 30.0,
+        reap_interval: float | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        """Run executions as they come due, ``concurrency`` at a time (see JobRunner.work)."""
+        await self._work(
+            WorkOptions(
+                concurrency=concurrency,
+                queues=queues,
+                until_idle=until_idle,
+                poll_interval=poll_interval,
+                grace_period=grace_period,
+                reap_interval=reap_interval or self._heartbeat_interval,
+                handle_signals=handle_signals,
             )
-        states = self._claimed(rows)
-        with self._inflight.hold(states):
-            self._heartbeat.ensure_running()
-            return [await self._drive(state) for state in states]
+        )
+
+    def stop_work(self) -> None:
+        """Ask a running :meth:`work` loop to stop gracefully (safe from any thread)."""
+        if self._worker is not None:
+            self._worker.stop()
+
+    async def _work(self, options: WorkOptions) -> builtins.list[Execution]:
+        if self._worker is not None:
+            raise ConfigurationError("this AsyncJobRunner is already working; one work() at a time")
+        self._pool.max_workers = max(self._pool.max_workers, options.concurrency)
+        self._worker = AsyncWorker(self, options)
+        try:
+            return await self._worker.run()
+        finally:
+            self._worker = None
 
     # -- reading -------------------------------------------------------------------------
 
     async def get(self, execution_id: IdLike) -> Execution:
         """One execution by id; :class:`ExecutionNotFound` if there is none."""
         eid = _as_id(execution_id)
-        async with self._phases.tx(single=True) as conn:
+        async with self._phases.tx(single=True, read=True) as conn:
             execution = await conn.run_sync(q.get, eid)
         return execution if execution is not None else _missing(eid)
 
@@ -272,20 +309,23 @@ class AsyncJobRunner(_RunnerBase):
         *,
         status: StatusFilter = None,
         job: str | None = None,
+        queue: str | None = None,
         since: datetime | timedelta | None = None,
         limit: int = 100,
     ) -> builtins.list[Execution]:
         """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
         statuses, after = _statuses(status), _since(since)
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(read=True) as conn:
             return await conn.run_sync(
-                lambda c: q.list_executions(c, status=statuses, job=job, since=after, limit=limit)
+                lambda c: q.list_executions(
+                    c, status=statuses, job=job, queue=queue, since=after, limit=limit
+                )
             )
 
     async def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
         """The attempt ledger of one execution, oldest first."""
         eid = _as_id(execution_id)
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(read=True) as conn:
             if await conn.run_sync(q.get, eid) is None:
                 _missing(eid)
             return await conn.run_sync(q.list_attempts, eid)
@@ -293,53 +333,38 @@ class AsyncJobRunner(_RunnerBase):
     async def stats(self, since: datetime | timedelta | None = None) -> builtins.list[JobStats]:
         """Counts and p50/p95 durations per job and status, for executions created since."""
         after = _since(since)
-        async with self._phases.tx() as conn:
+        async with self._phases.tx(read=True) as conn:
             return await conn.run_sync(q.job_stats, since=after)
 
     # -- operator actions ------------------------------------------------------------------
 
     async def cancel(self, execution_id: IdLike) -> Execution:
-        """Cancel an execution; returns it.
-
-        A pending or retrying execution is ``cancelled`` at once. A running one is flagged:
-        its worker stops it (an async phase at its next ``await``, sync code at the next
-        phase boundary or when it checks ``self.cancelled()``), at once when it runs in
-        this runner, else at its next heartbeat. Finished executions raise
-        :class:`InvalidTransition`.
-        """
+        """Cancel an execution; returns it (see :meth:`JobRunner.cancel`)."""
         eid = _as_id(execution_id)
         async with self._phases.tx() as conn:
-            execution = await conn.run_sync(q.cancel, eid, utcnow())
+            execution = await conn.run_sync(q.cancel, eid)
             current = None if execution else await conn.run_sync(q.get, eid)
         return self._cancel_result(eid, execution, current)
 
     async def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
-        """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
+        """Put a failed, timed-out or cancelled execution back to pending (see JobRunner)."""
         current = await self.get(execution_id)
         budget = self._retry_budget(current)
         async with self._phases.tx() as conn:
             execution = await conn.run_sync(
-                lambda c: q.requeue(
-                    c,
-                    current.id,
-                    from_statuses=RETRYABLE_BY_HAND,
-                    max_attempts=budget,
-                    triggered_by=triggered_by,
-                    now=utcnow(),
-                )
+                lambda c: q.requeue(c, current.id, max_attempts=budget, triggered_by=triggered_by)
             )
+        if execution is not None:
+            self._submitted()
         return self._retry_result(current.id, execution, current)
 
-    async def reap(
-        self, lease_timeout: float | None = None, *, limit: int = 100
-    ) -> builtins.list[Execution]:
-        """Recover executions whose worker died (see :meth:`JobRunner.reap`)."""
-        seconds = self._lease_timeout(lease_timeout)
+    async def reap(self, *, limit: int = 100) -> builtins.list[Execution]:
+        """Recover running executions whose lease expired (see :meth:`JobRunner.reap`)."""
         async with self._phases.tx() as conn:
-            reaped: builtins.list[Execution] = await conn.run_sync(
-                lambda c: q.reap(c, now=utcnow(), lease_timeout=seconds, limit=limit)
-            )
+            reaped: builtins.list[Execution] = await conn.run_sync(lambda c: q.reap(c, limit=limit))
         self._log_reaped(reaped)
+        if any(e.status.value == "retrying" for e in reaped):
+            self._submitted()
         return reaped
 
     async def prune(
@@ -383,101 +408,112 @@ class AsyncJobRunner(_RunnerBase):
                 )
             return self._sync
 
-    async def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
-        concurrency = self._concurrency(job_cls, current)
+    async def _claim(
+        self,
+        execution_id: uuid.UUID,
+        job_cls: type[PhasedJob],
+        concurrency: tuple[str, str, int] | None,
+    ) -> dict[str, Any] | None:
+        no_load = [] if job_cls.spec.runs("load") else [job_cls.name]
         async with self._phases.tx(single=concurrency is None) as conn:
-            row = await conn.run_sync(
-                lambda c: q.claim(
+            return await conn.run_sync(
+                lambda c: q.claim_one(
                     c,
-                    current.id,
+                    execution_id,
                     worker=self.worker_id,
-                    now=utcnow(),
-                    phase="load",
+                    lease_s=self.lease_duration,
+                    no_load=no_load,
                     concurrency=concurrency,
                 )
             )
-        if row is None:
-            return await self.get(current.id)
-        return await self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
+
+    async def _claim_batch(
+        self, limit: int, queues: Sequence[str] | None
+    ) -> builtins.list[AttemptState]:
+        """Claim up to ``limit`` due executions this runner can run (the worker's claim)."""
+        jobs, limits, no_load = self._runnable_jobs(), self._limits(), self._no_load_jobs()
+        async with self._phases.tx() as conn:
+            rows = await conn.run_sync(
+                lambda c: q.claim_batch(
+                    c,
+                    worker=self.worker_id,
+                    lease_s=self.lease_duration,
+                    limit=limit,
+                    jobs=jobs,
+                    queues=queues,
+                    no_load=no_load,
+                    limits=limits,
+                )
+            )
+        return [self._claimed(row) for row in rows]
 
     def _scope(self) -> SessionScope:
         return SessionScope(
             lambda: self._sync_phases().sessions, self._phases.sessions, self._runner_name
         )
 
-    async def _drive(self, state: AttemptState) -> Execution:
-        phases = self._phases
-
-        async def before_sleep(retry: tenacity.RetryCallState) -> None:
-            wait = retry.upcoming_sleep
-            self._after_failure(state, await phases.finish_failure(state, RETRYING, wait), wait)
-
-        try:
-            if state.last_attempt:  # nothing to retry: skip tenacity's bookkeeping
-                return await self._attempt(state)
-            async for attempt in state.policy.async_retrying(
-                done_attempts=state.number - 1,
-                max_attempts=state.max_attempts,
-                before_sleep=before_sleep,
-            ):
-                with attempt:
-                    return await self._attempt(state)
-        except _StopRun as stop:
-            self._scheduled(stop.execution)
-            return stop.execution or await self.get(state.execution_id)
-        except LeaseLost as exc:
-            self._lost(state, exc)
-            return await self.get(state.execution_id)
-        except BaseException:
-            if state.error is None or isinstance(state.failure, WrongEventLoop):
-                raise
-            execution = await phases.finish_failure(state, state.final_status(), None)
-            self._log_end(state, execution)
-            if not isinstance(state.failure, Exception):
-                raise
-            return execution or await self.get(state.execution_id)
-        raise AssertionError("unreachable: tenacity ends with a result or an exception")
-
-    async def _attempt(self, state: AttemptState) -> Execution:
-        phases = self._phases
-        if state.needs_claim:
-            row = await phases.claim(state)
-            if row is None:
-                raise _StopRun(None)
-            state.adopt_claim(row)
-        state.slow_phase_ms = self._slow_phase_ms
-        running = self._inflight.running_for(state)
-        job = make_job(state, self._scope, running.cancel_event)
-        # The phases run in a child task, so a cancel or a lost lease can interrupt them at
-        # their next await while this task stays free to write the outcome.
-        task = asyncio.ensure_future(self._phases_of(state, job, running))
-        running.interrupt = task.cancel
+    async def _drive(self, state: AttemptState, *, worker: bool = False) -> Execution:
+        """Perform the flow's requests until it returns the execution."""
+        running = Running(state=state, interrupt=_interrupter())
+        flow = drive(state, running, self._settings(worker=worker))
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
             if self.loop_monitor is not None:
                 self.loop_monitor.start(stop_when=self._inflight.idle)
-            try:
-                return await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if running.reason is None or (current is not None and current.cancelling()):
-                    state.capture(asyncio.CancelledError("the worker was interrupted"))
-                    raise
-                error = running.error()
-                state.capture(error, replace=True)
-                raise error from None
+            answer: Any = None
+            error: BaseException | None = None
+            while True:
+                try:
+                    request = flow.throw(error) if error is not None else flow.send(answer)
+                except StopIteration as stop:
+                    execution: Execution = stop.value
+                    return execution
+                answer, error = None, None
+                try:
+                    answer = await self._perform(request, state, running)
+                except BaseException as exc:
+                    error = exc
 
-    async def _phases_of(self, state: AttemptState, job: PhasedJob, running: Running) -> Execution:
+    async def _perform(self, request: Request, state: AttemptState, running: Running) -> Any:
         phases = self._phases
-        try:
-            running.check()  # a held lease may have been lost while it waited
-            if state.resume_from == "load":
-                loaded = await phases.load(state, job)
-                running.check()
-                result = await phases.execute(state, job, loaded)
-                running.check()
-                await phases.checkpoint(state, result)
-            return await phases.record(state, job)
-        except BaseException as exc:
-            state.capture(exc)
-            raise
+        if isinstance(request, Execute):
+            return await phases.execute(state, self._job(state, running), request.loaded, running)
+        if isinstance(request, Checkpoint):
+            return await phases.checkpoint(state, request.result)
+        if isinstance(request, Load):
+            return await phases.load(state, self._job(state, running), running)
+        if isinstance(request, Record):
+            return await phases.record(state, self._job(state, running))
+        if isinstance(request, End):
+            return await phases.end(state, request)
+        if isinstance(request, Claim):
+            return await phases.claim(state, request.early_s)
+        if isinstance(request, Sleep):
+            await asyncio.sleep(request.seconds)
+            return None
+        assert isinstance(request, Fetch)
+        return await phases.fetch(state) or _missing(state.execution_id)
+
+    def _job(self, state: AttemptState, running: Running) -> PhasedJob:
+        """The job instance of the current attempt (one per attempt)."""
+        if running.job is None or running.job_attempt != state.number:
+            running.job = make_job(state, self._scope, running.cancel_event)
+            running.job_attempt = state.number
+        job: PhasedJob = running.job
+        return job
+
+
+def _interrupter() -> Callable[[], None]:
+    """Cancel the current task, from its own loop or from any other thread."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    owner = threading.get_ident()
+    assert task is not None
+
+    def interrupt() -> None:
+        if threading.get_ident() == owner:
+            task.cancel()
+        else:
+            loop.call_soon_threadsafe(task.cancel)
+
+    return interrupt

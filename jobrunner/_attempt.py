@@ -6,19 +6,17 @@ failure, is decided here once.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 import traceback
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
-from ._exceptions import ExecutionCancelled, JobTimedOut
 from ._job import PhasedJob
 from ._queries import Lease
 from ._retry import RetryPolicy
-from ._schema import ExecutionStatus
+from ._schema import DEFAULT_QUEUE, ExecutionStatus
 
 Phase = Literal["load", "execute", "record"]
 
@@ -73,6 +71,9 @@ class AttemptState:
     phase_started: float = 0.0
     slow_phase_ms: float | None = None
     concurrency_key: str | None = None
+    queue: str = DEFAULT_QUEUE
+    #: An async user step is running that a cancel or a lost lease may interrupt.
+    interruptible: bool = False
 
     @property
     def execution_id(self) -> uuid.UUID:
@@ -80,12 +81,12 @@ class AttemptState:
         return self.lease.execution_id
 
     @property
-    def concurrency(self) -> tuple[str, int] | None:
-        """(key, limit) when the job limits how many of its executions run at once."""
+    def concurrency(self) -> tuple[str, str, int] | None:
+        """(job, key, limit) when the job limits how many of its executions run at once."""
         limit = self.job_cls.max_concurrency
-        return (
-            None if limit is None or self.concurrency_key is None else (self.concurrency_key, limit)
-        )
+        if limit is None or self.concurrency_key is None:
+            return None
+        return self.job_cls.name, self.concurrency_key, limit
 
     @property
     def last_attempt(self) -> bool:
@@ -106,12 +107,19 @@ class AttemptState:
         args_json: dict[str, Any],
         *,
         worker: str,
+        lease_s: float,
         triggered_by: str,
         external_id: str | None = None,
     ) -> AttemptState:
-        """A new execution run in this process: its row is inserted running by load."""
+        """A new execution run in this process: its row is inserted running, held, by load.
+
+        The insert is the last statement of load's transaction (its lease then starts
+        when execute does) and says ``phase = execute``: nobody sees the row before.
+        """
         now = utcnow()
-        lease = Lease(execution_id=uuid.uuid4(), worker=worker, token=1, how="insert")
+        lease = Lease(
+            execution_id=uuid.uuid4(), worker=worker, token=1, seconds=lease_s, how="insert"
+        )
         row = new_row(
             job_cls,
             args_json,
@@ -128,8 +136,8 @@ class AttemptState:
             worker=worker,
             started_at=now,
             heartbeat_at=now,
-            phase="load",
-            next_retry_at=None,
+            lease_expires_at=lease_s,
+            phase="execute",
         )
         return cls(
             job_cls=job_cls,
@@ -140,12 +148,17 @@ class AttemptState:
             triggered_by=triggered_by,
             insert_row=row,
             started_at=now,
+            queue=row["queue"],
         )
 
     @classmethod
-    def claimed(cls, job_cls: type[PhasedJob], row: dict[str, Any], *, worker: str) -> AttemptState:
+    def claimed(
+        cls, job_cls: type[PhasedJob], row: dict[str, Any], *, worker: str, lease_s: float
+    ) -> AttemptState:
         """An execution this runner has just claimed (its lease is committed)."""
-        lease = Lease(execution_id=row["id"], worker=worker, token=row["lease_token"])
+        lease = Lease(
+            execution_id=row["id"], worker=worker, token=row["lease_token"], seconds=lease_s
+        )
         return cls(
             job_cls=job_cls,
             lease=lease,
@@ -156,18 +169,23 @@ class AttemptState:
             resume_from="record" if row["checkpointed"] else "load",
             checkpoint=row["result"],
             concurrency_key=row["concurrency_key"],
+            queue=row["queue"],
         )
 
     def adopt_claim(self, row: dict[str, Any]) -> None:
         """Take over the lease of a fresh claim for the next attempt."""
         self.lease = Lease(
-            execution_id=row["id"], worker=self.lease.worker, token=row["lease_token"]
+            execution_id=row["id"],
+            worker=self.lease.worker,
+            token=row["lease_token"],
+            seconds=self.lease.seconds,
         )
         self.number = row["attempt"]
         self.max_attempts = row["max_attempts"]
         self.resume_from = "record" if row["checkpointed"] else "load"
         self.checkpoint = row["result"]
         self.needs_claim = False
+        self.started_at = utcnow()
 
     def prepare_retry(self) -> None:
         """Reset per-attempt state after a failure; the next attempt claims afresh."""
@@ -213,37 +231,18 @@ class AttemptState:
     def checkpoint_values(self, result_json: Any) -> dict[str, Any]:
         """Execute's result and timings, committed before record starts."""
         self.checkpoint = result_json
-        return {
-            "result": result_json,
-            "checkpointed": True,
-            "phase": "record",
-            "heartbeat_at": utcnow(),
-            **self.timings,
-        }
+        return {"result": result_json, "checkpointed": True, "phase": "record", **self.timings}
 
     def success_values(self) -> dict[str, Any]:
-        """The execution row's end state after a successful record."""
+        """What a successful record writes beside the ``succeeded`` status."""
         self.leave()
-        now = utcnow()
-        return {
-            "status": ExecutionStatus.SUCCEEDED.value,
-            "finished_at": now,
-            "heartbeat_at": now,
-            "phase": "record",
-            "max_loop_lag_ms": self.max_lag_ms,
-            **self.timings,
-        }
+        return {"phase": "record", "max_loop_lag_ms": self.max_lag_ms, **self.timings}
 
-    def failure_values(self, status: ExecutionStatus, wait: float | None) -> dict[str, Any]:
-        """The execution row after a failed attempt (``retrying`` waits ``wait`` s)."""
+    def failure_values(self) -> dict[str, Any]:
+        """What a failed attempt writes beside its status (which the ending decides)."""
         assert self.error is not None
-        now = utcnow()
-        retrying = status is ExecutionStatus.RETRYING
         return {
-            "status": status.value,
             "phase": self.error.phase,
-            "finished_at": None if retrying else now,
-            "next_retry_at": now + timedelta(seconds=wait or 0) if retrying else None,
             "error_type": self.error.type,
             "error_message": self.error.message,
             "error_traceback": self.error.traceback,
@@ -251,11 +250,24 @@ class AttemptState:
             **self.timings,
         }
 
-    def insert_for_failure(self, values: dict[str, Any]) -> dict[str, Any] | None:
-        """For an inline run whose insert rolled back: the row to create instead."""
+    def insert_for_failure(
+        self, values: dict[str, Any], status: ExecutionStatus, wait: float, *, counted: bool
+    ) -> dict[str, Any] | None:
+        """For an inline run whose first insert rolled back: the row to create instead.
+
+        Nobody else has seen the execution, so no cancel can be pending: the status the
+        runner decided is the status written.
+        """
         if self.lease.how != "insert" or self.insert_row is None:
             return None
-        return {**self.insert_row, **values}
+        waits = status is ExecutionStatus.RETRYING
+        row = {**self.insert_row, **values, "status": status.value, "lease_expires_at": None}
+        row.update(
+            due_at=wait if waits else 0.0,
+            finished_at=None if waits else utcnow(),
+            max_attempts=self.max_attempts + (0 if counted else 1),
+        )
+        return row
 
     def ledger_row(self, status: ExecutionStatus, wait: float | None = None) -> dict[str, Any]:
         """This attempt's row in ``jobrunner_attempts``."""
@@ -280,17 +292,6 @@ class AttemptState:
             "error_traceback": error.traceback if error else None,
         }
 
-    def final_status(self) -> ExecutionStatus:
-        """The status an attempt that will not be retried ends with."""
-        exc = self.failure
-        if isinstance(exc, JobTimedOut):
-            return ExecutionStatus.TIMED_OUT
-        if isinstance(exc, ExecutionCancelled):
-            return ExecutionStatus.CANCELLED
-        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
-            return ExecutionStatus.ABANDONED
-        return ExecutionStatus.FAILED
-
 
 def new_row(
     job_cls: type[PhasedJob],
@@ -301,10 +302,12 @@ def new_row(
     triggered_by: str,
     idempotency_key: str | None,
     external_id: str | None = None,
-    due_at: datetime | None = None,
+    due_at: datetime | float = 0.0,
     concurrency_key: str | None = None,
+    queue: str | None = None,
+    priority: int | None = None,
 ) -> dict[str, Any]:
-    """A fresh pending execution row."""
+    """A fresh pending execution row (``due_at`` in seconds is from the database's now)."""
     return {
         "id": execution_id,
         "job": job_cls.name,
@@ -322,6 +325,8 @@ def new_row(
         "concurrency_key": concurrency_key,
         "cancel_requested": False,
         "created_at": now,
-        "next_retry_at": due_at,
+        "due_at": due_at,
         "checkpointed": False,
+        "queue": queue or job_cls.queue,
+        "priority": job_cls.priority if priority is None else priority,
     }

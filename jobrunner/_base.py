@@ -20,28 +20,19 @@ from ._exceptions import (
     ConfigurationError,
     ExecutionNotFound,
     InvalidTransition,
-    LeaseLost,
 )
+from ._flow import Settings
 from ._inflight import InFlight
 from ._job import PhasedJob
+from ._lifecycle import RETRYABLE_BY_HAND, WAITING
 from ._records import Execution
 from ._registry import JobRef, Registry, default_registry
 from ._schema import TERMINAL_STATUSES, ExecutionStatus
 
 logger = logging.getLogger("jobrunner")
 
-RETRYING = ExecutionStatus.RETRYING
-RETRYABLE_BY_HAND = ("failed", "timed_out", "cancelled", "abandoned")
-
 IdLike = uuid.UUID | str
 StatusFilter = ExecutionStatus | str | Iterable[ExecutionStatus | str] | None
-
-
-class _StopRun(BaseException):
-    """Ends a run early without it counting as a failure (deferred retry, lost claim)."""
-
-    def __init__(self, execution: Execution | None) -> None:
-        self.execution = execution
 
 
 def _worker_id() -> str:
@@ -112,6 +103,9 @@ class _RunnerBase:
         inline_retry_max_wait: float,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
         slow_phase_threshold: float | None = 10.0,
+        heartbeat_interval: float = 10.0,
+        lease_duration: float | None = None,
+        max_threads: int = 32,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
         self._slow_phase_ms = None if slow_phase_threshold is None else slow_phase_threshold * 1000
@@ -120,7 +114,13 @@ class _RunnerBase:
         if inline_retry_max_wait < 0:
             raise ConfigurationError("inline_retry_max_wait must be >= 0 seconds")
         self.inline_retry_max_wait = inline_retry_max_wait
+        self._heartbeat_interval = _interval(heartbeat_interval)
+        self.lease_duration = _lease(lease_duration, self._heartbeat_interval)
+        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
+            raise ConfigurationError(f"max_threads must be a positive int, got {max_threads!r}")
+        self._max_threads = max_threads
         self._inflight = InFlight()
+        self._wakers: set[Callable[[], None]] = set()
 
     def _submission(
         self,
@@ -130,7 +130,8 @@ class _RunnerBase:
         idempotency_key: str | None,
         triggered_by: str,
         external_id: str | None,
-        due: bool,
+        queue: str | None = None,
+        priority: int | None = None,
     ) -> tuple[type[PhasedJob], dict[str, Any]]:
         job_cls = self.registry.resolve(job)
         args_value, args_json = job_cls.validate_args(args)
@@ -142,10 +143,28 @@ class _RunnerBase:
             triggered_by=triggered_by,
             idempotency_key=idempotency_key,
             external_id=external_id,
-            due_at=utcnow() if due else None,
             concurrency_key=job_cls.concurrency_key_for(args_value),
+            queue=_queue(queue),
+            priority=_priority(priority),
         )
         return job_cls, row
+
+    def _submitted(self) -> None:
+        """New work was committed: wake this process's own idle workers at once."""
+        for wake in list(self._wakers):
+            wake()
+
+    def _settings(self, *, worker: bool = False) -> Settings:
+        """What the flow decides with; a worker never sleeps a retry inline (it has a
+        slot to give back), it leaves the execution ``retrying`` for its claim loop."""
+        return Settings(
+            inline_retry_max_wait=-1.0 if worker else self.inline_retry_max_wait,
+            on_retry_scheduled=self.on_retry_scheduled,
+        )
+
+    def _no_load_jobs(self) -> builtins.list[str]:
+        """Jobs whose claim starts them in execute (nothing is written before it)."""
+        return [job.name for job in self.registry if not job.spec.runs("load")]
 
     def _inline(
         self, job_cls: type[PhasedJob], args: Any, *, triggered_by: str, external_id: str | None
@@ -155,10 +174,12 @@ class _RunnerBase:
             job_cls,
             args_json,
             worker=self.worker_id,
+            lease_s=self.lease_duration,
             triggered_by=triggered_by,
             external_id=external_id,
         )
         state.args_value = args_value
+        state.slow_phase_ms = self._slow_phase_ms
         return state
 
     def _run_target(self, job: JobRef, idempotency_key: str | None) -> tuple[type[PhasedJob], bool]:
@@ -174,10 +195,10 @@ class _RunnerBase:
 
     def _concurrency(
         self, job_cls: type[PhasedJob], execution: Execution
-    ) -> tuple[str, int] | None:
+    ) -> tuple[str, str, int] | None:
         if job_cls.max_concurrency is None or execution.concurrency_key is None:
             return None
-        return execution.concurrency_key, job_cls.max_concurrency
+        return job_cls.name, execution.concurrency_key, job_cls.max_concurrency
 
     def _limits(self) -> dict[str, int]:
         return {
@@ -185,12 +206,6 @@ class _RunnerBase:
             for job in self.registry
             if job.max_concurrency is not None and self._can_run(job)
         }
-
-    def _lease_timeout(self, lease_timeout: float | None) -> float:
-        seconds = 3 * self._heartbeat_interval if lease_timeout is None else lease_timeout
-        if seconds <= 0:
-            raise ConfigurationError("lease_timeout must be a positive number of seconds")
-        return seconds
 
     def _check_runnable(self, job_cls: type[PhasedJob]) -> None:
         """Refuse jobs this runner cannot run (JobRunner: async phases)."""
@@ -216,19 +231,22 @@ class _RunnerBase:
         if row["job"] != hinted.name:
             job_cls = self.registry.resolve_row(row["job"], row["handler"])
             self._check_runnable(job_cls)
-        return AttemptState.claimed(job_cls, row, worker=self.worker_id)
+        return self._state(job_cls, row)
 
-    def _claimed(self, rows: builtins.list[dict[str, Any]]) -> builtins.list[AttemptState]:
-        return [
-            AttemptState.claimed(
-                self.registry.resolve_row(r["job"], r["handler"]), r, worker=self.worker_id
-            )
-            for r in rows
-        ]
+    def _state(self, job_cls: type[PhasedJob], row: dict[str, Any]) -> AttemptState:
+        state = AttemptState.claimed(
+            job_cls, row, worker=self.worker_id, lease_s=self.lease_duration
+        )
+        state.slow_phase_ms = self._slow_phase_ms
+        return state
+
+    def _claimed(self, row: dict[str, Any]) -> AttemptState:
+        """The state of a row the worker claimed (only jobs it can run are claimed)."""
+        return self._state(self.registry.resolve_row(row["job"], row["handler"]), row)
 
     def _claimable(self, execution: Execution) -> type[PhasedJob] | None:
         """The job class to run ``execution`` with, or None if it is not waiting to run."""
-        if execution.status.value not in ("pending", "retrying") or execution.cancel_requested:
+        if execution.status.value not in WAITING or execution.cancel_requested:
             logger.info(
                 "execution %s is %s; not running it",
                 execution.id,
@@ -240,21 +258,6 @@ class _RunnerBase:
         self._check_runnable(job_cls)
         return job_cls
 
-    def _after_failure(self, state: AttemptState, execution: Execution | None, wait: float) -> None:
-        """tenacity's before_sleep: go on inline, or stop and leave it ``retrying``."""
-        if execution is None or wait > self.inline_retry_max_wait:
-            raise _StopRun(execution)
-        logger.info(
-            "execution %s of %s: attempt %d failed (%s), retrying in %.2fs",
-            state.execution_id,
-            state.job_cls.name,
-            state.number,
-            state.error.type if state.error else "?",
-            wait,
-            extra=_extra(state),
-        )
-        state.prepare_retry()
-
     def _log_reaped(self, reaped: builtins.list[Execution]) -> None:
         for execution in reaped:
             logger.warning(
@@ -265,42 +268,6 @@ class _RunnerBase:
                 execution.status,
                 extra={"execution_id": str(execution.id), "job": execution.job},
             )
-
-    def _scheduled(self, execution: Execution | None) -> None:
-        """A long retry wait ended the run: tell the integration (Celery: a countdown)."""
-        if execution is None or execution.status is not RETRYING:
-            return
-        logger.info(
-            "execution %s of %s will retry at %s",
-            execution.id,
-            execution.job,
-            execution.next_retry_at,
-            extra={"execution_id": str(execution.id), "job": execution.job},
-        )
-        if self.on_retry_scheduled is not None:
-            self.on_retry_scheduled(execution)
-
-    def _log_end(self, state: AttemptState, execution: Execution | None) -> None:
-        if execution is None:
-            return
-        if execution.status is ExecutionStatus.SUCCEEDED:
-            logger.debug(
-                "execution %s of %s succeeded", execution.id, execution.job, extra=_extra(state)
-            )
-        else:
-            logger.warning(
-                "execution %s of %s ended %s in %s: %s: %s",
-                execution.id,
-                execution.job,
-                execution.status,
-                execution.phase,
-                execution.error_type,
-                execution.error_message,
-                extra=_extra(state),
-            )
-
-    def _lost(self, state: AttemptState, exc: LeaseLost) -> None:
-        logger.warning("%s", exc, extra=_extra(state))
 
     def _retry_budget(self, execution: Execution) -> int:
         job_cls = self.registry.resolve_row(execution.job, execution.handler)
@@ -338,12 +305,33 @@ def _interval(seconds: float) -> float:
     return seconds
 
 
-def _extra(state: AttemptState) -> dict[str, Any]:
-    return {
-        "execution_id": str(state.execution_id),
-        "job": state.job_cls.name,
-        "phase": state.phase,
-    }
+def _lease(lease_duration: float | None, heartbeat_interval: float) -> float:
+    """The lease a claim takes: three heartbeats by default, never fewer than two."""
+    if lease_duration is None:
+        return 3 * heartbeat_interval
+    if isinstance(lease_duration, bool) or not isinstance(lease_duration, int | float):
+        raise ConfigurationError(f"lease_duration must be seconds, got {lease_duration!r}")
+    if lease_duration < 2 * heartbeat_interval:
+        raise ConfigurationError(
+            f"lease_duration ({lease_duration:g}s) must be at least two heartbeat intervals "
+            f"({2 * heartbeat_interval:g}s): a lease shorter than what its heartbeat renews "
+            "would let a healthy worker be reaped"
+        )
+    return float(lease_duration)
+
+
+def _queue(queue: str | None) -> str | None:
+    if queue is not None and (not isinstance(queue, str) or not queue.strip() or len(queue) > 100):
+        raise ConfigurationError(
+            f"queue must be a non-empty name of at most 100 chars, got {queue!r}"
+        )
+    return queue
+
+
+def _priority(priority: int | None) -> int | None:
+    if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise ConfigurationError(f"priority must be an int (higher runs first), got {priority!r}")
+    return priority
 
 
 def _full_url(engine: Engine | AsyncEngine) -> str:

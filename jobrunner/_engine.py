@@ -117,6 +117,8 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, *, memory: bool) -> None:
     write; two of them that both read first then deadlock and one fails at once with
     "database is locked", busy timeout or not. BEGIN IMMEDIATE takes the lock up front,
     so writers wait their turn (the recipe from SQLAlchemy's SQLite dialect docs).
+    Transactions that only read (``jobrunner_read_only`` execution option) begin
+    DEFERRED instead and never take the write lock at all.
     """
 
     @event.listens_for(engine, "connect")
@@ -132,7 +134,10 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, *, memory: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Reads begin DEFERRED: in WAL mode they then never wait for the write lock, so a
+        # slow read-only transaction (a CLI list, a dashboard page) blocks no writer.
+        read_only = conn.get_execution_options().get("jobrunner_read_only", False)
+        conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 
 def display_url(url: str | URL) -> str:

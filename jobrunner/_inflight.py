@@ -16,13 +16,13 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import _queries as q
-from ._attempt import AttemptState, utcnow
+from ._attempt import AttemptState
 from ._exceptions import ExecutionCancelled, JobRunnerError, LeaseLost
 from ._monitor import cancel_task
 
@@ -33,21 +33,39 @@ Reason = Literal["cancel", "lost"]
 
 @dataclasses.dataclass(eq=False)
 class Running:
-    """One attempt in flight: how to tell it to stop, and why it was told."""
+    """One execution in flight here: how to tell it to stop, and why it was told.
+
+    ``interrupt`` (async runners) cancels the task running the execution; it is used
+    only while an async user step of load or execute runs (``state.interruptible``),
+    never during a framework write, a sync phase's thread or record. Everything else
+    sees the signal at its next step.
+    """
 
     state: AttemptState
-    cancel_event: threading.Event
+    cancel_event: threading.Event = dataclasses.field(default_factory=threading.Event)
     interrupt: Callable[[], object] | None = None
     reason: Reason | None = None
+    #: An interrupt was sent to the task and not yet taken back.
+    interrupted: bool = False
+    #: The job instance of the current attempt, and that attempt's number.
+    job: Any = None
+    job_attempt: int = 0
 
     def signal(self, reason: Reason) -> None:
-        """Ask the attempt to stop; async attempts in load/execute are cancelled now."""
+        """Ask the execution to stop; an interruptible async step is cancelled now."""
         if self.reason is not None:
             return
         self.reason = reason
         self.cancel_event.set()
-        if self.interrupt is not None and self.state.phase in ("load", "execute"):
+        if self.interrupt is not None and self.state.interruptible:
+            self.interrupted = True
             self.interrupt()
+
+    def reset(self) -> None:
+        """Forget signals about an earlier attempt (a new claim holds a new lease)."""
+        self.reason = None
+        self.interrupted = False
+        self.cancel_event.clear()
 
     def error(self) -> JobRunnerError:
         """The error the attempt ends with after a signal."""
@@ -92,30 +110,14 @@ class InFlight:
                 if self._items.get(key) is running:
                     del self._items[key]
 
-    @contextlib.contextmanager
-    def hold(self, states: list[AttemptState]) -> Iterator[None]:
-        """Keep the leases of claimed executions that wait for their turn alive.
-
-        ``run_due`` claims a batch and runs it one by one: without this, the waiting ones
-        would get no heartbeat, a reaper could take them back, and they would run twice.
-        """
-        with contextlib.ExitStack() as stack:
-            for state in states:
-                stack.enter_context(
-                    self.track(Running(state=state, cancel_event=threading.Event()))
-                )
-            yield
-
-    def running_for(self, state: AttemptState) -> Running:
-        """The in-flight entry already held for ``state``, or a new one."""
-        held = self._items.get(state.execution_id)
-        if held is not None and held.state is state:
-            return held
-        return Running(state=state, cancel_event=threading.Event())
-
     def get(self, execution_id: uuid.UUID) -> Running | None:
         """The in-flight attempt of ``execution_id``, if this runner has one."""
         return self._items.get(execution_id)
+
+    def all(self) -> list[Running]:
+        """Every execution in flight now."""
+        with self._lock:
+            return list(self._items.values())
 
     def idle(self) -> bool:
         """True when nothing is in flight."""
@@ -126,19 +128,24 @@ class InFlight:
         for running in list(self._items.values()):
             running.state.note_lag(lag_ms)
 
-    def leases(self) -> list[tuple[uuid.UUID, int]]:
-        """(id, token) of every attempt whose lease is committed."""
+    def leases(self) -> list[tuple[uuid.UUID, int, float]]:
+        """(id, token, lease seconds) of every attempt whose lease is committed and held.
+
+        An execution between attempts (an inline retry's wait) holds no lease.
+        """
         with self._lock:
             items = list(self._items.values())
         return [
-            (r.state.execution_id, r.state.lease.token)
+            (r.state.execution_id, r.state.lease.token, r.state.lease.seconds)
             for r in items
-            if r.state.lease.how == "held"
+            if r.state.lease.how == "held" and not r.state.needs_claim
         ]
 
-    def apply(self, asked: list[tuple[uuid.UUID, int]], answer: dict[uuid.UUID, bool]) -> None:
+    def apply(
+        self, asked: list[tuple[uuid.UUID, int, float]], answer: dict[uuid.UUID, bool]
+    ) -> None:
         """Signal attempts whose execution was cancelled or whose lease is gone."""
-        for execution_id, token in asked:
+        for execution_id, token, _ in asked:
             running = self._items.get(execution_id)
             if running is None or running.state.lease.token != token:
                 continue  # finished, or moved on to a new attempt, since we asked
@@ -184,7 +191,7 @@ class SyncHeartbeat:
         if not asked:
             return
         with self._tx() as conn:
-            answer = q.heartbeat(conn, asked, utcnow())
+            answer = q.heartbeat(conn, asked)
         self._inflight.apply(asked, answer)
 
     def stop(self) -> None:
@@ -234,7 +241,7 @@ class AsyncHeartbeat:
         if not asked:
             return
         async with self._tx() as conn:
-            answer = await conn.run_sync(q.heartbeat, asked, utcnow())
+            answer = await conn.run_sync(q.heartbeat, asked)
         self._inflight.apply(asked, answer)
 
     async def stop(self) -> None:

@@ -79,8 +79,9 @@ class PhasedJob:
     model the checkpointed result is validated into before ``record``), ``retry``
     (:class:`RetryPolicy`), ``timeout`` (seconds for execute), ``load_timeout``,
     ``record_timeout``, ``max_concurrency`` (at most this many executions of the job run
-    at once, per :meth:`concurrency_key`). Pass ``abstract=True`` in the class statement
-    for shared bases.
+    at once, per :meth:`concurrency_key`), ``queue`` (workers can be limited to some
+    queues; default ``"default"``) and ``priority`` (higher runs first; default 0). Pass
+    ``abstract=True`` in the class statement for shared bases.
 
     Module-level job classes register themselves in the default registry when defined
     (``register=False`` in the class statement opts out); importing the module that
@@ -96,6 +97,8 @@ class PhasedJob:
     load_timeout: ClassVar[float | None] = None
     record_timeout: ClassVar[float | None] = None
     max_concurrency: ClassVar[int | None] = None
+    queue: ClassVar[str] = "default"
+    priority: ClassVar[int] = 0
     spec: ClassVar[JobSpec]
 
     _context: JobContext | None = None
@@ -129,6 +132,16 @@ class PhasedJob:
         ):
             raise JobDefinitionError(
                 f"{cls.__qualname__}.max_concurrency must be a positive int or None, got {limit!r}"
+            )
+        if not isinstance(cls.queue, str) or not cls.queue.strip() or len(cls.queue) > 100:
+            raise JobDefinitionError(
+                f"{cls.__qualname__}.queue must be a non-empty string of at most 100 "
+                f"characters, got {cls.queue!r}"
+            )
+        if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):
+            raise JobDefinitionError(
+                f"{cls.__qualname__}.priority must be an int (higher runs first), "
+                f"got {cls.priority!r}"
             )
         for attr in ("Args", "Result"):
             model = getattr(cls, attr)

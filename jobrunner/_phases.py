@@ -1,9 +1,9 @@
-"""The I/O edge: how one phase of an attempt opens, runs and commits, sync and async.
+"""The I/O edge: how each request of :mod:`jobrunner._flow` is performed, sync and async.
 
-:class:`SyncPhases` and :class:`AsyncPhases` have the same methods. Everything they
-write comes from :class:`~jobrunner._attempt.AttemptState` and every statement is a
-function of :mod:`jobrunner._queries`; these classes only open sessions, call the
-job, time it and commit.
+:class:`SyncPhases` and :class:`AsyncPhases` have the same methods, one per request.
+What they write comes from :class:`~jobrunner._attempt.AttemptState`, every statement is
+a function of :mod:`jobrunner._queries`, and every decision was taken by the flow;
+these classes only open sessions, call the job, time it, wait for threads and commit.
 """
 
 from __future__ import annotations
@@ -18,30 +18,36 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _queries as q
-from ._attempt import AttemptState, Phase, utcnow
+from ._attempt import AttemptState, Phase
 from ._errors_db import framework_sql
 from ._exceptions import ExecutionCancelled, JobTimedOut, LeaseLost
+from ._flow import End, Executed
+from ._inflight import Running
 from ._job import JobContext, PhasedJob
+from ._lifecycle import Outcome
 from ._monitor import LoopHealth, PhaseInfo, phase_context, timed_steps
 from ._records import Execution
 from ._schema import ExecutionStatus
 from ._session import PhaseSession, SessionScope
+from ._threads import DaemonPool
 
 logger = logging.getLogger("jobrunner")
 
 SUCCEEDED = ExecutionStatus.SUCCEEDED
+_ENDING: dict[Outcome, q.Ending] = {Outcome.RETRY: "retry", Outcome.INTERRUPTED: "interrupted"}
 
 
 def lease_lost(state: AttemptState, where: str) -> LeaseLost:
     """The error for a write refused because another attempt owns the execution."""
     return LeaseLost(
         f"execution {state.execution_id} of {state.job_cls.name!r}: attempt {state.number} "
-        f"lost its lease before {where} (another worker took it over, or it was cancelled "
-        "or reaped); its writes were refused"
+        f"lost its lease before {where} (another worker took it over, or it was reaped); "
+        "its writes were refused"
     )
 
 
@@ -58,6 +64,25 @@ def _timed_out(state: AttemptState, phase: str, seconds: float) -> JobTimedOut:
     )
 
 
+def _overran(state: AttemptState, running: Running, seconds: float) -> JobTimedOut:
+    """A sync execute passed its timeout: ask it to stop, and say the slot stays busy."""
+    running.cancel_event.set()  # self.cancelled() is now True: cooperative code stops
+    logger.warning(
+        "sync execute of %s (execution %s) passed its %gs timeout; a thread cannot be "
+        "killed, so this attempt waits for it to return (its slot stays busy, and "
+        "self.cancelled() now returns True); its result, if any, will be checkpointed",
+        state.job_cls.name,
+        state.execution_id,
+        seconds,
+        extra={
+            "execution_id": str(state.execution_id),
+            "job": state.job_cls.name,
+            "phase": "execute",
+        },
+    )
+    return _timed_out(state, "execute", seconds)
+
+
 def make_job(
     state: AttemptState, scope: Callable[[], SessionScope], cancel_event: threading.Event
 ) -> PhasedJob:
@@ -72,133 +97,230 @@ def make_job(
     return job
 
 
-class SyncPhases:
-    """Phases over a sync engine (psycopg / sqlite3): no event loop anywhere."""
+def _no_load(state: AttemptState) -> list[str]:
+    return [] if state.job_cls.spec.runs("load") else [state.job_cls.name]
 
-    def __init__(self, engine: Engine, url: str, autocommit: Engine | None = None) -> None:
+
+def _end_args(state: AttemptState, end: End) -> dict[str, Any]:
+    """Everything :func:`q.end_attempt` needs for the ending the flow decided."""
+    values = state.failure_values()
+    counted = end.outcome is not Outcome.INTERRUPTED
+    return {
+        "kind": _ENDING.get(end.outcome, "final"),
+        "values": values,
+        "attempt_row": state.ledger_row(end.attempt_status, end.wait or None),
+        "status": end.status.value,
+        "wait_s": end.wait,
+        "insert_if_missing": state.insert_for_failure(
+            values, end.status, end.wait, counted=counted
+        ),
+    }
+
+
+def _locked(exc: sa_exc.OperationalError) -> bool:
+    return "database is locked" in str(exc).lower()
+
+
+def changes(conn: Connection) -> int | None:
+    """Rows this SQLite connection has changed so far (None elsewhere): tells whether a
+    phase wrote anything."""
+    if conn.dialect.name != "sqlite":
+        return None
+    driver: Any = conn.connection.driver_connection
+    return int(driver.total_changes)
+
+
+def _start_execute(conn: Connection, state: AttemptState) -> None:
+    """Create the inline row, or move a held one to execute (lease-checked)."""
+    if state.lease.how == "insert":
+        q.insert_execution(conn, state.insert_row or {})
+    else:
+        _execute_started(state, q.phase_started(conn, state.lease, {"phase": "execute"}))
+
+
+def _execute_started(state: AttemptState, cancel: bool | None) -> None:
+    """After load's lease check: stop (rolling load back) if lost or cancelled."""
+    if cancel is None:
+        raise lease_lost(state, "execute")
+    if cancel:
+        raise _cancelled(state)
+
+
+def _after_checkpoint(state: AttemptState, cancel: bool | None) -> bool:
+    if cancel is None:
+        raise lease_lost(state, "checkpoint")
+    return cancel
+
+
+class SyncPhases:
+    """Requests over a sync engine (psycopg / sqlite3): no event loop anywhere."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        url: str,
+        autocommit: Engine | None = None,
+        pool: DaemonPool | None = None,
+    ) -> None:
         self.engine = engine
         self.url = url
         self.phase_sessions = sessionmaker(engine, class_=PhaseSession, expire_on_commit=False)
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self._autocommit = autocommit or _autocommit(engine)
+        self.pool = pool
 
     @contextlib.contextmanager
-    def tx(self, *, single: bool = False) -> Iterator[Connection]:
+    def tx(self, *, single: bool = False, read: bool = False) -> Iterator[Connection]:
         """One framework transaction; driver errors become jobrunner errors.
 
         ``single``: the caller runs one statement (atomic by itself), so on PostgreSQL it
-        runs in autocommit and saves the BEGIN and COMMIT round trips.
+        runs in autocommit and saves the BEGIN and COMMIT round trips. ``read``: the
+        transaction only reads, so on SQLite it begins DEFERRED and never waits for (or
+        holds) the write lock.
         """
         with framework_sql(self.url):
             if single and self._autocommit is not None:
                 with self._autocommit.connect() as conn:
                     yield conn
+            elif read:
+                with self.engine.connect() as conn:
+                    conn = conn.execution_options(jobrunner_read_only=True)
+                    with conn.begin():
+                        yield conn
             else:
                 with self.engine.begin() as conn:
                     yield conn
 
     @contextlib.contextmanager
     def _open(
-        self, state: AttemptState, phase: Phase
-    ) -> Iterator[tuple[Session | None, Connection]]:
-        """The phase's transaction: a sealed-after-use session if the job has this phase."""
+        self, state: AttemptState, phase: Phase, *, read_first: bool = False
+    ) -> Iterator[tuple[Session, Connection]]:
+        """The phase's transaction in a session sealed after use (``read_first``: begun
+        DEFERRED on SQLite, so a load that only reads never takes the write lock)."""
+        options = {"jobrunner_read_only": True} if read_first else None
         with phase_context(state, phase):
-            if not state.job_cls.spec.runs(phase):
-                # Framework writes only: one statement each on PostgreSQL (see _queries).
-                with self.tx(single=True) as conn:
-                    yield None, conn
-                return
             session = self.phase_sessions()
             session.open_for(state.job_cls.name, phase)
             try:
                 with session.begin():
-                    yield session, session.connection()
+                    yield session, session.connection(execution_options=options)
             finally:
                 session.seal(state.job_cls.name, phase, str(state.execution_id))
 
-    def claim(self, state: AttemptState) -> dict[str, Any] | None:
+    def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
         with self.tx(single=state.concurrency is None) as conn:
-            return q.claim(
+            return q.claim_one(
                 conn,
                 state.execution_id,
                 worker=state.lease.worker,
-                now=utcnow(),
-                phase=state.resume_from,
+                lease_s=state.lease.seconds,
+                no_load=_no_load(state),
                 concurrency=state.concurrency,
+                early_s=early_s,
             )
 
+    def fetch(self, state: AttemptState) -> Execution | None:
+        """The execution as stored now."""
+        with self.tx(single=True, read=True) as conn:
+            return q.get(conn, state.execution_id)
+
     def load(self, state: AttemptState, job: PhasedJob) -> Any:
-        """LOAD: create or keep the running row and call ``job.load`` in one transaction."""
-        spec = state.job_cls.spec
-        if state.lease.how == "held" and not spec.runs("load"):
+        """LOAD and the move to execute (lease-checked), in one transaction."""
+        if not state.job_cls.spec.runs("load"):
             with phase_context(state, "load"):
-                return _args_value(state)
-        with self._open(state, "load") as (session, conn):
-            if state.insert_row is not None and state.lease.how == "insert":
-                q.insert_execution(conn, state.insert_row)
-            args = _args_value(state)
-            loaded = job.load(session, args) if session is not None else args
-            if session is not None:
-                session.flush()
+                args = _args_value(state)
+            if state.lease.how == "insert":  # inline: the row appears, held, in execute
+                with self.tx(single=True) as conn:
+                    q.insert_execution(conn, state.insert_row or {})
+                state.lease.how = "held"
+            return args
+        sqlite = self.engine.dialect.name == "sqlite"
+        try:
+            return self._load(state, job, read_first=sqlite)
+        except sa_exc.OperationalError as exc:
+            if not (sqlite and _locked(exc)):
+                raise
+        # A load that read, then wrote, lost the race for SQLite's write lock to another
+        # writer; nothing of it committed. Once more, holding the write lock from the start.
+        return self._load(state, job, read_first=False)
+
+    def _load(self, state: AttemptState, job: PhasedJob, *, read_first: bool) -> Any:
+        with self._open(state, "load", read_first=read_first) as (session, conn):
+            before = changes(conn)
+            loaded = job.load(session, _args_value(state))
+            session.flush()
             _check_deadline(state, "load", state.job_cls.load_timeout)
+            read_only = read_first and changes(conn) == before
+            if not read_only:  # a stale owner's load writes must not commit
+                _start_execute(conn, state)
+        if read_only:  # nothing of load's to commit with it: a short write of its own
+            with self.tx(single=True) as conn:
+                _start_execute(conn, state)
         state.lease.how = "held"
         return loaded
 
-    def execute(self, state: AttemptState, job: PhasedJob, loaded: Any) -> Any:
-        """EXECUTE: no session held; returns the JSON form of the result."""
+    def execute(
+        self, state: AttemptState, job: PhasedJob, loaded: Any, running: Running
+    ) -> Executed:
+        """EXECUTE with no session held; past its timeout it is waited for, not abandoned."""
         timeout = state.job_cls.timeout
+        dump = state.job_cls.dump_result
         with phase_context(state, "execute"):
-            if timeout is None:
-                result = job.execute(loaded)
-            else:
-                result = _call_with_deadline(job.execute, loaded, timeout, state)
-            return state.job_cls.dump_result(result)
+            if timeout is None or self.pool is None:
+                return Executed(dump(job.execute(loaded)))
+            future = self.pool.submit(job.execute, loaded)
+            try:
+                return Executed(dump(future.result(timeout=timeout)))
+            except concurrent.futures.TimeoutError:
+                overran = _overran(state, running, timeout)
+            try:
+                result = future.result()  # the heartbeat keeps the lease meanwhile
+            except Exception as exc:
+                raise overran from exc
+            return Executed(dump(result), overran)
 
-    def checkpoint(self, state: AttemptState, result_json: Any) -> None:
+    def checkpoint(self, state: AttemptState, result: Any) -> bool:
         """Store the result so a failed record never repeats execute."""
         with self.tx(single=True) as conn:
-            cancel = q.checkpoint(conn, state.lease, state.checkpoint_values(result_json))
-        _after_checkpoint(state, cancel)
+            cancel = q.checkpoint(conn, state.lease, state.checkpoint_values(result))
+        return _after_checkpoint(state, cancel)
 
     def record(self, state: AttemptState, job: PhasedJob) -> Execution:
         """RECORD: ``job.record`` plus the ``succeeded`` status, one transaction."""
+        if not state.job_cls.spec.runs("record"):
+            with phase_context(state, "record"), self.tx(single=True) as conn:
+                return self._finish(conn, state)
         with self._open(state, "record") as (session, conn):
-            result = state.job_cls.restore_result(state.checkpoint)
-            if session is not None:
-                job.record(session, result)
-                session.flush()
+            job.record(session, state.job_cls.restore_result(state.checkpoint))
+            session.flush()
             _check_deadline(state, "record", state.job_cls.record_timeout)
-            execution = q.finish(
-                conn, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
-            )
-            if execution is None:
-                raise lease_lost(state, "record")
+            return self._finish(conn, state)
+
+    def _finish(self, conn: Connection, state: AttemptState) -> Execution:
+        execution = q.end_attempt(
+            conn, state.lease, "finish", state.success_values(), state.ledger_row(SUCCEEDED)
+        )
+        if execution is None:
+            raise lease_lost(state, "record")
         return execution
 
-    def finish_failure(
-        self, state: AttemptState, status: ExecutionStatus, wait: float | None
-    ) -> Execution | None:
+    def end(self, state: AttemptState, end: End) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
-        values = state.failure_values(status, wait)
-        with self.tx() as conn:
-            return q.finish(
-                conn,
-                state.lease,
-                values,
-                state.ledger_row(state.final_status(), wait),
-                insert_if_missing=state.insert_for_failure(values),
-            )
+        args = _end_args(state, end)
+        with self.tx(single=args["insert_if_missing"] is None) as conn:
+            return q.end_attempt(conn, state.lease, **args)
 
 
 class AsyncPhases:
-    """Phases over an async engine (asyncpg / aiosqlite); sync phases go to threads."""
+    """Requests over an async engine (asyncpg / aiosqlite); sync phases go to threads."""
 
     def __init__(
         self,
         engine: AsyncEngine,
         url: str,
         sync_phases: Callable[[], SyncPhases],
+        pool: DaemonPool,
         autocommit: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
@@ -209,7 +331,72 @@ class AsyncPhases:
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._autocommit = autocommit or _autocommit(engine)
         self._sync_phases = sync_phases
+        self.pool = pool
         self.health: LoopHealth | None = None
+
+    @contextlib.asynccontextmanager
+    async def tx(
+        self, *, single: bool = False, read: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
+        """One framework transaction (see :meth:`SyncPhases.tx`)."""
+        with framework_sql(self.url):
+            if single and self._autocommit is not None:
+                async with self._autocommit.connect() as conn:
+                    yield conn
+            elif read:
+                async with self.engine.connect() as conn:
+                    conn = await conn.execution_options(jobrunner_read_only=True)
+                    async with conn.begin():
+                        yield conn
+            else:
+                async with self.engine.begin() as conn:
+                    yield conn
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, state: AttemptState, phase: Phase, *, read_first: bool = False
+    ) -> AsyncIterator[tuple[AsyncSession, _AsyncIO]]:
+        options = {"jobrunner_read_only": True} if read_first else None
+        with phase_context(state, phase):
+            session = self.phase_sessions()
+            sync = session.sync_session
+            assert isinstance(sync, PhaseSession)
+            sync.open_for(state.job_cls.name, phase)
+            try:
+                async with session.begin():
+                    await session.connection(execution_options=options)
+                    yield session, _AsyncIO(session=session)
+            finally:
+                await session.close()
+                sync.seal(state.job_cls.name, phase, str(state.execution_id))
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run sync ``fn`` in the runner's pool; a cancel waits for the thread first."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        result, error = await _outlive(future)
+        if error is not None:
+            raise error
+        return result
+
+    async def _user(
+        self, state: AttemptState, running: Running, coro: Coroutine[Any, Any, Any]
+    ) -> Any:
+        """Await an async user step that a cancel or a lost lease may interrupt."""
+        task = asyncio.current_task()
+        state.interruptible = True
+        try:
+            return await self._timed(state, coro)
+        except asyncio.CancelledError:
+            if running.interrupted and task is not None:
+                running.interrupted = False
+                if task.uncancel() == 0:  # ours alone, not the caller's too
+                    raise running.error() from None
+            raise
+        finally:
+            state.interruptible = False
+            if running.interrupted and task is not None:  # the job swallowed our cancel
+                running.interrupted = False
+                task.uncancel()
 
     def _timed(self, state: AttemptState, coro: Coroutine[Any, Any, Any]) -> Awaitable[Any]:
         """Await an async phase with its steps timed against the loop-health thresholds."""
@@ -218,131 +405,165 @@ class AsyncPhases:
         info = PhaseInfo(str(state.execution_id), state.job_cls.name, state.phase or "", state)
         return timed_steps(coro, info, self.health)
 
-    @contextlib.asynccontextmanager
-    async def tx(self, *, single: bool = False) -> AsyncIterator[AsyncConnection]:
-        """One framework transaction (``single``: one statement, autocommit on PostgreSQL)."""
-        with framework_sql(self.url):
-            if single and self._autocommit is not None:
-                async with self._autocommit.connect() as conn:
-                    yield conn
-            else:
-                async with self.engine.begin() as conn:
-                    yield conn
-
-    @contextlib.asynccontextmanager
-    async def _open(
-        self, state: AttemptState, phase: Phase
-    ) -> AsyncIterator[tuple[AsyncSession | None, _AsyncIO]]:
-        with phase_context(state, phase):
-            if not state.job_cls.spec.runs(phase):
-                # Framework writes only: one statement each on PostgreSQL (see _queries).
-                async with self.tx(single=True) as conn:
-                    yield None, _AsyncIO(conn=conn)
-                return
-            session = self.phase_sessions()
-            sync = session.sync_session
-            assert isinstance(sync, PhaseSession)
-            sync.open_for(state.job_cls.name, phase)
-            try:
-                async with session.begin():
-                    yield session, _AsyncIO(session=session)
-            finally:
-                await session.close()
-                sync.seal(state.job_cls.name, phase, str(state.execution_id))
-
-    async def claim(self, state: AttemptState) -> dict[str, Any] | None:
+    async def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
         async with self.tx(single=state.concurrency is None) as conn:
             return await conn.run_sync(
-                lambda c: q.claim(
+                lambda c: q.claim_one(
                     c,
                     state.execution_id,
                     worker=state.lease.worker,
-                    now=utcnow(),
-                    phase=state.resume_from,
+                    lease_s=state.lease.seconds,
+                    no_load=_no_load(state),
                     concurrency=state.concurrency,
+                    early_s=early_s,
                 )
             )
 
-    async def load(self, state: AttemptState, job: PhasedJob) -> Any:
+    async def fetch(self, state: AttemptState) -> Execution | None:
+        """The execution as stored now."""
+        async with self.tx(single=True, read=True) as conn:
+            return await conn.run_sync(q.get, state.execution_id)
+
+    async def load(self, state: AttemptState, job: PhasedJob, running: Running) -> Any:
         """LOAD; a sync ``load`` runs in a worker thread on the sync engine."""
         spec = state.job_cls.spec
         if spec.runs("load") and not spec.is_async("load"):
-            return await asyncio.to_thread(self._sync_phases().load, state, job)
-        if state.lease.how == "held" and not spec.runs("load"):
+            return await self._in_thread(self._sync_phases().load, state, job)
+        if not spec.runs("load"):
             with phase_context(state, "load"):
-                return _args_value(state)
-        async with self._open(state, "load") as (session, io):
-            if state.insert_row is not None and state.lease.how == "insert":
-                await io.run(q.insert_execution, state.insert_row)
+                args = _args_value(state)
+            if state.lease.how == "insert":
+                async with self.tx(single=True) as conn:
+                    await conn.run_sync(q.insert_execution, state.insert_row or {})
+                state.lease.how = "held"
+            return args
+        sqlite = self.engine.dialect.name == "sqlite"
+        try:
+            return await self._load(state, job, running, read_first=sqlite)
+        except sa_exc.OperationalError as exc:
+            if not (sqlite and _locked(exc)):
+                raise
+        return await self._load(state, job, running, read_first=False)  # see SyncPhases
+
+    async def _load(
+        self, state: AttemptState, job: PhasedJob, running: Running, *, read_first: bool
+    ) -> Any:
+        async with self._open(state, "load", read_first=read_first) as (session, io):
+            before = await io.run(changes)
             args = _args_value(state)
-            loaded = args
-            if session is not None:
-                async with _deadline(state, "load", state.job_cls.load_timeout):
-                    loaded = await self._timed(state, _async(job).load(session, args))
-                await session.flush()
+            async with _deadline(state, "load", state.job_cls.load_timeout):
+                loaded = await self._user(state, running, _async(job).load(session, args))
+            await session.flush()
+            read_only = read_first and await io.run(changes) == before
+            if not read_only:
+                await io.run(_start_execute, state)
+        if read_only:
+            async with self.tx(single=True) as conn:
+                await conn.run_sync(_start_execute, state)
         state.lease.how = "held"
         return loaded
 
-    async def execute(self, state: AttemptState, job: PhasedJob, loaded: Any) -> Any:
-        """EXECUTE on the loop if async, in a worker thread if sync; with the timeout."""
+    async def execute(
+        self, state: AttemptState, job: PhasedJob, loaded: Any, running: Running
+    ) -> Executed:
+        """EXECUTE on the loop if async, in a pool thread if sync; with the timeout."""
         timeout = state.job_cls.timeout
+        dump = state.job_cls.dump_result
         with phase_context(state, "execute"):
-            late = None
-            if state.job_cls.spec.is_async("execute"):
-                call = self._timed(state, _async(job).execute(loaded))
-            else:
-                late = _LateResult(job.execute, state)
-                call = asyncio.to_thread(late, loaded)
-            deadline = asyncio.timeout(timeout)
-            try:
-                async with deadline:
-                    result = await call
-            except TimeoutError as exc:
-                if not deadline.expired():
-                    raise  # the job's own TimeoutError, not our deadline
-                if late is not None:
-                    late.deadline_passed.set()
-                raise _timed_out(state, "execute", timeout or 0) from exc
-            return state.job_cls.dump_result(result)
+            if not state.job_cls.spec.is_async("execute"):
+                return await self._execute_in_thread(state, job, loaded, running, timeout)
+            async with _deadline(state, "execute", timeout):
+                result = await self._user(state, running, _async(job).execute(loaded))
+            return Executed(dump(result))
 
-    async def checkpoint(self, state: AttemptState, result_json: Any) -> None:
+    async def _execute_in_thread(
+        self,
+        state: AttemptState,
+        job: PhasedJob,
+        loaded: Any,
+        running: Running,
+        seconds: float | None,
+    ) -> Executed:
+        """A sync execute in the pool. Neither its timeout nor a cancel of the caller
+        stops waiting for it: the attempt ends when its thread returns."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, job.execute, loaded)
+        stop: BaseException | None = None
+        try:
+            done, _ = await asyncio.wait({future}, timeout=seconds)
+            if not done:
+                stop = _overran(state, running, seconds or 0)
+        except asyncio.CancelledError as exc:
+            stop = exc
+        if stop is None:
+            return Executed(state.job_cls.dump_result(future.result()))
+        result, error = await _outlive(future)
+        if error is not None:
+            raise stop from error
+        return Executed(state.job_cls.dump_result(result), stop)
+
+    async def checkpoint(self, state: AttemptState, result: Any) -> bool:
         """Store the result so a failed record never repeats execute."""
-        values = state.checkpoint_values(result_json)
+        values = state.checkpoint_values(result)
         async with self.tx(single=True) as conn:
             cancel = await conn.run_sync(q.checkpoint, state.lease, values)
-        _after_checkpoint(state, cancel)
+        return _after_checkpoint(state, cancel)
 
     async def record(self, state: AttemptState, job: PhasedJob) -> Execution:
         """RECORD; a sync ``record`` runs in a worker thread on the sync engine."""
         spec = state.job_cls.spec
         if spec.runs("record") and not spec.is_async("record"):
-            return await asyncio.to_thread(self._sync_phases().record, state, job)
+            execution: Execution = await self._in_thread(self._sync_phases().record, state, job)
+            return execution
+        if not spec.runs("record"):
+            with phase_context(state, "record"):
+                async with self.tx(single=True) as conn:
+                    return await self._finish(_AsyncIO(conn=conn), state)
         async with self._open(state, "record") as (session, io):
             result = state.job_cls.restore_result(state.checkpoint)
-            if session is not None:
-                async with _deadline(state, "record", state.job_cls.record_timeout):
-                    await self._timed(state, _async(job).record(session, result))
-                await session.flush()
-            execution = await io.run(
-                q.finish, state.lease, state.success_values(), state.ledger_row(SUCCEEDED)
-            )
-            if execution is None:
-                raise lease_lost(state, "record")
+            async with _deadline(state, "record", state.job_cls.record_timeout):
+                await self._timed(state, _async(job).record(session, result))
+            await session.flush()
+            return await self._finish(io, state)
+
+    async def _finish(self, io: _AsyncIO, state: AttemptState) -> Execution:
+        execution = await io.run(
+            q.end_attempt,
+            state.lease,
+            "finish",
+            state.success_values(),
+            state.ledger_row(SUCCEEDED),
+        )
+        if execution is None:
+            raise lease_lost(state, "record")
         assert isinstance(execution, Execution)
         return execution
 
-    async def finish_failure(
-        self, state: AttemptState, status: ExecutionStatus, wait: float | None
-    ) -> Execution | None:
+    async def end(self, state: AttemptState, end: End) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
-        values = state.failure_values(status, wait)
-        ledger = state.ledger_row(state.final_status(), wait)
-        insert = state.insert_for_failure(values)
-        async with self.tx() as conn:
-            return await conn.run_sync(
-                lambda c: q.finish(c, state.lease, values, ledger, insert_if_missing=insert)
-            )
+        args = _end_args(state, end)
+        async with self.tx(single=args["insert_if_missing"] is None) as conn:
+            return await conn.run_sync(lambda c: q.end_attempt(c, state.lease, **args))
+
+
+async def _outlive(future: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
+    """Wait for a thread's future whatever happens; (result, error).
+
+    A thread cannot be stopped, so neither can this wait: cancels of the caller are
+    held back until the thread returns, then the first of them is the error.
+    """
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError as exc:
+            if not future.done():
+                cancelled = cancelled or exc
+                continue
+            return None, cancelled or exc
+        except BaseException as exc:
+            return None, cancelled or exc
+        return result, cancelled
 
 
 class _AsyncIO:
@@ -404,48 +625,3 @@ def _args_value(state: AttemptState) -> Any:
     if state.args_value is None:
         state.args_value = state.job_cls.validate_args(state.args_json)[0]
     return state.args_value
-
-
-def _after_checkpoint(state: AttemptState, cancel: bool | None) -> None:
-    if cancel is None:
-        raise lease_lost(state, "checkpoint")
-    if cancel:
-        raise _cancelled(state)
-
-
-class _LateResult:
-    """A sync execute that logs when its result arrives after the timeout gave up on it."""
-
-    def __init__(self, fn: Callable[[Any], Any], state: AttemptState) -> None:
-        self.fn = fn
-        self.state = state
-        self.deadline_passed = threading.Event()
-
-    def __call__(self, loaded: Any) -> Any:
-        result = self.fn(loaded)
-        if self.deadline_passed.is_set():
-            name, eid = self.state.job_cls.name, str(self.state.execution_id)
-            logger.warning(
-                "sync execute of %s (execution %s) finished after its timeout; a thread "
-                "cannot be killed, so it ran on, and its result was discarded",
-                name,
-                eid,
-                extra={"execution_id": eid, "job": name, "phase": "execute"},
-            )
-        return result
-
-
-def _call_with_deadline(
-    fn: Callable[[Any], Any], loaded: Any, timeout: float, state: AttemptState
-) -> Any:
-    """Run sync ``fn`` in a thread and stop waiting at the deadline (threads can't be killed)."""
-    late = _LateResult(fn, state)
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jobrunner-execute")
-    future = pool.submit(late, loaded)
-    try:
-        return future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError as exc:
-        late.deadline_passed.set()
-        raise _timed_out(state, "execute", timeout) from exc
-    finally:
-        pool.shutdown(wait=False)

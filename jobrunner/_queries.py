@@ -1,10 +1,13 @@
 """The framework's SQL, all of it: plain functions over a SQLAlchemy ``Connection``.
 
-Every status transition lives here and checks where it comes from, so two workers can
-never both move one execution. The async runner calls these through
-``AsyncConnection.run_sync``; nothing here knows whether it runs sync or async.
-Statements are Core and built once at import (SQLAlchemy's compiled cache then skips
-recompiling), and writes use ``RETURNING`` instead of reading back.
+Every status write takes its ``WHERE`` clause from the transition table in
+:mod:`jobrunner._lifecycle` (``sources(Event.X)``), so two workers can never both move
+one execution, and the table is the one place that says what may happen. Times that
+decide anything (due, lease expiry) come from the database's clock (:mod:`._clock`).
+The async runner calls these through ``AsyncConnection.run_sync``; nothing here knows
+whether it runs sync or async. Statements are Core and built once where they can be
+(SQLAlchemy's compiled cache then skips recompiling), and writes use ``RETURNING``
+instead of reading back.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ import dataclasses
 import functools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
     and_,
     bindparam,
+    case,
     delete,
     false,
     func,
@@ -33,11 +37,20 @@ from sqlalchemy import update as sa_update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from ._clock import after, db_now, seconds
+from ._lifecycle import Event, sources, target, target_of
 from ._records import Attempt, Execution, JobStats
-from ._schema import CLAIMABLE_STATUSES, ExecutionStatus, attempts, executions, metadata
+from ._schema import ExecutionStatus, attempts, executions, metadata
 
 E = executions.c
 RUNNING = ExecutionStatus.RUNNING.value
+RETRYING = ExecutionStatus.RETRYING.value
+CANCELLED = ExecutionStatus.CANCELLED.value
+
+#: The channel a commit of new work notifies on PostgreSQL (payload: the queue).
+NOTIFY_CHANNEL = "jobrunner_insert"
+#: Advisory lock key of the reaper: one reaper at a time per database ("jrrp").
+_REAPER_LOCK = 0x6A727270
 
 #: Columns a claim returns: what a worker needs to run the execution.
 _CLAIM_COLUMNS = (
@@ -45,6 +58,7 @@ _CLAIM_COLUMNS = (
     E.job,
     E.handler,
     E.args,
+    E.queue,
     E.attempt,
     E.max_attempts,
     E.lease_token,
@@ -52,6 +66,7 @@ _CLAIM_COLUMNS = (
     E.result,
     E.triggered_by,
     E.concurrency_key,
+    E.cancel_requested,
 )
 
 
@@ -59,14 +74,16 @@ _CLAIM_COLUMNS = (
 class Lease:
     """The right of one attempt to write an execution's status.
 
-    ``token`` is the fencing token of the claim. ``how`` is ``insert`` while an inline
-    run's first phase (which creates the row already running) has not committed yet, and
-    ``held`` once the lease is known to be in the database.
+    ``token`` is the fencing token of the claim; ``seconds`` how long each renewal keeps
+    it (the owner's own lease length). ``how`` is ``insert`` while an inline run's first
+    phase (which creates the row already running) has not committed yet, and ``held``
+    once the lease is known to be in the database.
     """
 
     execution_id: uuid.UUID
     worker: str
     token: int
+    seconds: float
     how: Literal["insert", "held"] = "held"
 
 
@@ -78,14 +95,37 @@ def create_schema(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-# -- creating executions ---------------------------------------------------------------
+# -- creating executions (event: submit, run_inline) ------------------------------------
 
-_INSERT = insert(executions)
+
+def _dialect_insert(conn: Connection) -> Any:
+    return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+
+
+def _with_notify(conn: Connection, stmt: Any) -> Any:
+    """On PostgreSQL, NOTIFY the queue of each inserted row in the same statement.
+
+    NOTIFY is transactional: workers are woken when (and only if) the insert commits.
+    """
+    if conn.dialect.name != "postgresql":
+        return stmt
+    inserted = stmt.returning(E.id, E.queue).cte("inserted")
+    return select(inserted.c.id, func.pg_notify(NOTIFY_CHANNEL, inserted.c.queue)).select_from(
+        inserted
+    )
 
 
 def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
-    """Insert one execution row (pending for submit, running for an inline run)."""
-    conn.execute(_INSERT, dict(values))
+    """Insert one execution row (pending for submit, running for an inline run).
+
+    A ``due_at`` given as a number is seconds from the database's now.
+    """
+    row = _due(values)
+    stmt = insert(executions).values(row)
+    if row["status"] == target(Event.SUBMIT):
+        conn.execute(_with_notify(conn, stmt))
+    else:
+        conn.execute(stmt)
 
 
 def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
@@ -94,95 +134,126 @@ def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
     ``INSERT ... ON CONFLICT DO NOTHING`` on the unique key, so concurrent submitters
     race safely: exactly one row is created, everybody gets its id.
     """
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     stmt = (
-        dialect_insert(executions)
-        .values(dict(values))
+        _dialect_insert(conn)(executions)
+        .values(_due(values))
         .on_conflict_do_nothing(index_elements=[E.idempotency_key])
-        .returning(E.id)
     )
-    inserted = conn.execute(stmt).scalar()
+    if conn.dialect.name != "postgresql":
+        stmt = stmt.returning(E.id)
+    inserted = conn.execute(_with_notify(conn, stmt)).first()
     if inserted is not None:
-        return uuid.UUID(str(inserted))
+        return uuid.UUID(str(inserted[0]))
     existing = select(E.id).where(E.idempotency_key == values["idempotency_key"])
     return uuid.UUID(str(conn.execute(existing).scalar_one()))
 
 
-# -- claiming ----------------------------------------------------------------------------
+def _due(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Seconds from now (``due_at``, ``lease_expires_at``) as the database's clock."""
+    row = dict(values)
+    for key in ("due_at", "lease_expires_at"):
+        value = row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            row[key] = seconds(value) if value else db_now()
+    return row
 
-_CLAIM_SET = {
-    "status": RUNNING,
-    "attempt": E.attempt + 1,
-    "lease_token": E.lease_token + 1,
-    "worker": bindparam("worker"),
-    "started_at": func.coalesce(E.started_at, bindparam("now")),
-    "heartbeat_at": bindparam("now"),
-    "finished_at": None,
-    "next_retry_at": None,
-    "phase": bindparam("phase"),
-    "error_type": None,
-    "error_message": None,
-    "error_traceback": None,
-}
-_CLAIMABLE = and_(E.status.in_(CLAIMABLE_STATUSES), E.cancel_requested == false())
+
+# -- claiming (event: claim) ----------------------------------------------------------------
+
+_WAITING = sources(Event.CLAIM)
+
+
+def _claim_set(first_phase: Any) -> dict[str, Any]:
+    """What a claim writes: the attempt starts, the lease is the claimer's own length."""
+    return {
+        "status": target(Event.CLAIM),
+        "attempt": E.attempt + 1,
+        "lease_token": E.lease_token + 1,
+        "worker": bindparam("worker"),
+        "started_at": func.coalesce(E.started_at, db_now()),
+        "heartbeat_at": db_now(),
+        "lease_expires_at": after("lease_s"),
+        "finished_at": None,
+        "phase": first_phase,
+        "error_type": None,
+        "error_message": None,
+        "error_traceback": None,
+    }
+
+
+# The phase a claimed attempt starts in: record when execute was checkpointed, execute
+# for jobs without a load phase (nothing is written between claim and execute), else load.
+_FIRST_PHASE = case(
+    (E.checkpointed == true(), "record"),
+    (E.job.in_(bindparam("no_load", expanding=True)), "execute"),
+    else_="load",
+)
+_CLAIMABLE = and_(E.status.in_(_WAITING), E.cancel_requested == false())
 
 _CLAIM_ONE = (
     sa_update(executions)
-    .where(E.id == bindparam("eid"), _CLAIMABLE)
-    .values(_CLAIM_SET)
+    .where(E.id == bindparam("eid"), _CLAIMABLE, E.due_at <= after("early_s"))
+    .values(_claim_set(_FIRST_PHASE))
     .returning(*_CLAIM_COLUMNS)
 )
 
 
-def claim(
+def claim_one(
     conn: Connection,
     execution_id: uuid.UUID,
     *,
     worker: str,
-    now: datetime,
-    phase: str,
-    concurrency: tuple[str, int] | None = None,
+    lease_s: float,
+    no_load: Sequence[str] = (),
+    concurrency: tuple[str, str, int] | None = None,
+    early_s: float = 0.0,
 ) -> dict[str, Any] | None:
-    """Move a pending/retrying execution to running for ``worker``; None if not claimable.
+    """Claim one waiting, due execution for ``worker``; None if it is not claimable now.
 
-    With ``concurrency=(key, limit)`` the claim also fails while ``limit`` executions with
-    that concurrency key are running (the execution then stays pending).
+    With ``concurrency=(job, key, limit)`` the claim also fails while ``limit``
+    executions with that key run. The key's lock is taken before the row's, as in
+    :func:`claim_batch` (which never waits for a key), so the two cannot deadlock.
+    ``early_s`` lets the runner that slept a retry's backoff itself claim it that much
+    before the database's clock says it is due (clocks tick at different moments).
     """
-    if concurrency is not None and _capacity(conn, *concurrency) < 1:
-        return None
-    row = (
-        conn.execute(
-            _CLAIM_ONE, {"eid": execution_id, "worker": worker, "now": now, "phase": phase}
-        )
-        .mappings()
-        .first()
-    )
+    if concurrency is not None:
+        job, key, limit = concurrency
+        _lock_key(conn, key, wait=True)
+        if _running_with_key(conn, job, key) >= limit:
+            return None
+    params = {
+        "eid": execution_id,
+        "worker": worker,
+        "lease_s": float(lease_s),
+        "no_load": list(no_load),
+        "early_s": float(early_s),
+    }
+    row = conn.execute(_CLAIM_ONE, params).mappings().first()
     return dict(row) if row else None
 
 
-def _lock_key(conn: Connection, key: str) -> None:
+def _lock_key(conn: Connection, key: str, *, wait: bool) -> bool:
     """Serialise claims of one concurrency key until this transaction ends.
 
-    PostgreSQL: a transaction-scoped advisory lock on the key's hash. SQLite needs none:
-    every write transaction already holds the database's write lock (BEGIN IMMEDIATE).
+    PostgreSQL: a transaction-scoped advisory lock on the key's hash (``wait=False``
+    tries and says whether it got it). SQLite needs none: a write transaction already
+    holds the database's write lock.
     """
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name != "postgresql":
+        return True
+    if wait:
         conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+        return True
+    return bool(conn.execute(select(func.pg_try_advisory_xact_lock(func.hashtext(key)))).scalar())
 
 
-def _capacity(conn: Connection, key: str, limit: int) -> int:
-    """How many more executions with ``key`` may start now (takes the key's lock)."""
-    _lock_key(conn, key)
-    running = conn.execute(
-        select(func.count()).where(E.status == RUNNING, E.concurrency_key == key)
-    ).scalar_one()
-    return limit - int(running)
+def _running_with_key(conn: Connection, job: str, key: str) -> int:
+    stmt = select(func.count()).where(E.job == job, E.status == RUNNING, E.concurrency_key == key)
+    return int(conn.execute(stmt).scalar_one())
 
 
 def _saturated(conn: Connection, limits: Mapping[str, int]) -> list[str]:
     """Concurrency keys of limited jobs that are at their limit right now (a hint only)."""
-    if not limits:
-        return []
     stmt = (
         select(E.job, E.concurrency_key, func.count())
         .where(E.status == RUNNING, E.job.in_(list(limits)), E.concurrency_key.is_not(None))
@@ -191,178 +262,284 @@ def _saturated(conn: Connection, limits: Mapping[str, int]) -> list[str]:
     return [key for job, key, n in conn.execute(stmt) if n >= limits[job]]
 
 
-def claim_due(
+_ORDER = (E.priority.desc(), E.due_at, E.id)
+
+
+def claim_batch(
     conn: Connection,
     *,
     worker: str,
-    now: datetime,
+    lease_s: float,
     limit: int,
     jobs: Sequence[str],
+    queues: Sequence[str] | None = None,
+    no_load: Sequence[str] = (),
     limits: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Claim up to ``limit`` executions whose ``next_retry_at`` has come.
+    """Claim up to ``limit`` due executions: the caller starts each one at once.
 
-    On PostgreSQL the candidates are locked with ``FOR UPDATE SKIP LOCKED``, so workers
-    calling this at once each get different executions and nobody waits. SQLite
-    serialises writers (BEGIN IMMEDIATE), which gives the same guarantee. Only
-    executions of ``jobs`` (names this worker can run) are taken, and jobs in ``limits``
+    Callers ask for no more than they have free slots, so nothing is claimed that waits.
+    Highest priority first, then oldest due. Only executions of ``jobs`` (names this
+    worker can run) in ``queues`` (None: every queue) are taken, and jobs in ``limits``
     (name -> max_concurrency) never get more running executions per concurrency key.
+    On PostgreSQL candidates are locked with ``FOR UPDATE SKIP LOCKED``, so workers
+    claiming at once each get different executions and nobody waits; SQLite's write
+    lock serialises claimers.
     """
-    if not jobs:
+    if not jobs or limit < 1:
         return []
-    limits = limits or {}
-    where = [_CLAIMABLE, E.next_retry_at <= now, E.job.in_(list(jobs))]
-    saturated = _saturated(conn, limits)
-    if saturated:  # don't let executions waiting for a slot starve the others
+    where = [_CLAIMABLE, E.due_at <= db_now(), E.job.in_(list(jobs))]
+    if queues is not None:
+        where.append(E.queue.in_(list(queues)))
+    limited = {job: n for job, n in (limits or {}).items() if job in jobs}
+    params = {"worker": worker, "lease_s": float(lease_s), "no_load": list(no_load)}
+    if not limited:
+        return _claim_picked(conn, where, limit, params)
+    saturated = _saturated(conn, limited)
+    if saturated:  # executions waiting for a slot must not starve the others
         where.append(or_(E.concurrency_key.is_(None), E.concurrency_key.not_in(saturated)))
-    # Lock the candidates first, then update exactly those ids. A single
-    # `UPDATE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP LOCKED)` is not safe:
-    # PostgreSQL may re-run the subquery, and each run skips the rows the last one locked,
-    # so far more than ``limit`` rows get claimed.
-    due = (
+    candidates = conn.execute(
         select(E.id, E.job, E.concurrency_key)
         .where(*where)
-        .order_by(E.next_retry_at)
+        .order_by(*_ORDER)
         .limit(limit)
         .with_for_update(skip_locked=True)
-    )
-    ids = _within_limits(conn, conn.execute(due).all(), limits)
+    ).all()
+    ids = _within_limits(conn, candidates, limited)
     if not ids:
         return []
     stmt = (
         sa_update(executions)
         .where(E.id.in_(ids), _CLAIMABLE)
-        .values({**_CLAIM_SET, "phase": "load"})
+        .values(_claim_set(_FIRST_PHASE))
         .returning(*_CLAIM_COLUMNS)
     )
-    rows = conn.execute(stmt, {"worker": worker, "now": now}).mappings().all()
-    return [dict(r) for r in rows]
+    return [dict(r) for r in conn.execute(stmt, params).mappings()]
+
+
+def _claim_picked(
+    conn: Connection, where: list[Any], limit: int, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One statement: pick the candidates (locked, skipping locked ones) and claim them.
+
+    PostgreSQL: a MATERIALIZED CTE, evaluated once. (``UPDATE ... WHERE id IN (SELECT
+    ... FOR UPDATE SKIP LOCKED LIMIT n)`` is not safe: the planner may re-run the
+    subquery, and each run skips the rows the last one locked, claiming more than n.)
+    """
+    picked_q = select(E.id).where(*where).order_by(*_ORDER).limit(limit)
+    if conn.dialect.name == "postgresql":
+        picked = (
+            picked_q.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
+        )
+        stmt = sa_update(executions).where(E.id == picked.c.id)
+    else:
+        stmt = sa_update(executions).where(E.id.in_(picked_q.scalar_subquery()))
+    stmt = stmt.values(_claim_set(_FIRST_PHASE)).returning(*_CLAIM_COLUMNS)
+    return [dict(r) for r in conn.execute(stmt, params).mappings()]
 
 
 def _within_limits(
     conn: Connection, candidates: Sequence[Any], limits: Mapping[str, int]
 ) -> list[uuid.UUID]:
-    """The candidate ids that fit their job's concurrency limit (keys locked in order)."""
+    """The candidate ids that fit their job's concurrency limit.
+
+    Keys are only *tried* (never waited for) while candidate rows are locked, so this
+    cannot deadlock with :func:`claim_one`, which takes a key before its row.
+    """
     free: list[uuid.UUID] = []
-    by_key: dict[str, list[uuid.UUID]] = {}
+    by_key: dict[tuple[str, str], list[uuid.UUID]] = {}
     for execution_id, job, key in candidates:
         if job in limits and key is not None:
-            by_key.setdefault(key, []).append(execution_id)
+            by_key.setdefault((job, key), []).append(execution_id)
         else:
             free.append(execution_id)
-    for key in sorted(by_key):  # a fixed order: two claimers never wait on each other
-        job = next(j for _, j, k in candidates if k == key)
-        free.extend(by_key[key][: max(0, _capacity(conn, key, limits[job]))])
+    for job, key in sorted(by_key):
+        if not _lock_key(conn, key, wait=False):
+            continue  # another claimer is deciding this key now
+        room = limits[job] - _running_with_key(conn, job, key)
+        free.extend(by_key[(job, key)][: max(0, room)])
     return free
 
 
-# -- writes an attempt makes while it holds the lease -----------------------------------
+# -- writes an attempt makes while it holds the lease ---------------------------------------
 
 
-def _owned_where(how: str) -> Any:
+def _owned_where(event: Event, how: str) -> Any:
     """WHERE clause matching the row only while the lease (bound as b_*) still owns it."""
     owned = and_(
-        E.id == bindparam("b_id"), E.status == RUNNING, E.lease_token == bindparam("b_token")
+        E.id == bindparam("b_id"),
+        E.status.in_(sources(event)),
+        E.lease_token == bindparam("b_token"),
     )
     return owned if how == "held" else and_(owned, E.worker == bindparam("b_worker"))
 
 
 def _lease_params(lease: Lease, values: Mapping[str, Any]) -> dict[str, Any]:
-    return {**values, "b_id": lease.execution_id, "b_token": lease.token, "b_worker": lease.worker}
+    return {
+        **values,
+        "b_id": lease.execution_id,
+        "b_token": lease.token,
+        "b_worker": lease.worker,
+        "lease_s": float(lease.seconds),
+    }
 
 
-# Built once: the SET clause comes from the parameters' keys, so one statement serves
-# every call and SQLAlchemy compiles it once per key set.
+_HOW = ("held", "insert")
+_RENEW = {"heartbeat_at": db_now(), "lease_expires_at": after("lease_s")}
+
+# Built once: columns beyond the fixed ones come from the parameters' keys, so one
+# statement serves every call and SQLAlchemy compiles it once per key set.
+_PHASE_STARTED = {
+    how: sa_update(executions)
+    .where(_owned_where(Event.PHASE_STARTED, how))
+    .values(_RENEW)
+    .returning(E.cancel_requested)
+    for how in _HOW
+}
 _CHECKPOINT = {
-    how: sa_update(executions).where(_owned_where(how)).returning(E.cancel_requested)
-    for how in ("held", "insert")
+    how: sa_update(executions)
+    .where(_owned_where(Event.CHECKPOINT, how))
+    .values(_RENEW)
+    .returning(E.cancel_requested)
+    for how in _HOW
 }
-_FINISH = {
-    how: sa_update(executions).where(_owned_where(how)).returning(executions)
-    for how in ("held", "insert")
-}
-_INSERT_ATTEMPT = insert(attempts)
 
 
-@functools.cache
-def _finish_cte(how: str, value_keys: tuple[str, ...], attempt_keys: tuple[str, ...]) -> Any:
-    """``WITH finished AS (UPDATE ... RETURNING *), ledger AS (INSERT ... SELECT FROM
-    finished) SELECT * FROM finished``: the ledger row exists only if the update matched."""
-    finished = (
-        sa_update(executions)
-        .where(_owned_where(how))
-        .values({k: bindparam(f"v_{k}", type_=executions.c[k].type) for k in value_keys})
-        .returning(*executions.c)
-        .cte("finished")
-    )
-    ledger_values = [bindparam(f"a_{k}", type_=attempts.c[k].type) for k in attempt_keys]
-    ledger = (
-        insert(attempts)
-        .from_select(list(attempt_keys), select(*ledger_values).select_from(finished))
-        .cte("ledger")
-    )
-    return select(finished).add_cte(ledger)
+def phase_started(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
+    """Mark a new phase (and renew the lease) in the phase's own transaction.
+
+    Returns ``cancel_requested``, or None when the lease is lost: the caller must then
+    roll the phase's transaction back, so a stale owner's writes never commit.
+    """
+    row = conn.execute(_PHASE_STARTED[lease.how], _lease_params(lease, values)).first()
+    return None if row is None else bool(row[0])
 
 
 def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
-    """Store execute's result. Returns ``cancel_requested``, or None if the lease is lost."""
+    """Store execute's result. Returns ``cancel_requested``, or None if the lease is lost.
+
+    Written even when a cancel is requested: a finished execute is never thrown away.
+    """
     row = conn.execute(_CHECKPOINT[lease.how], _lease_params(lease, values)).first()
     return None if row is None else bool(row[0])
 
 
 def heartbeat(
-    conn: Connection, leases: Sequence[tuple[uuid.UUID, int]], now: datetime
+    conn: Connection, leases: Sequence[tuple[uuid.UUID, int, float]]
 ) -> dict[uuid.UUID, bool]:
-    """Refresh many leases in one statement; ``{id: cancel_requested}`` for those still held.
+    """Renew many leases in one statement; ``{id: cancel_requested}`` for those still held.
 
-    An id missing from the answer has lost its lease (reaped, or claimed by another worker).
+    Each lease is renewed by its own length (its owner's). An id missing from the answer
+    has lost its lease (reaped, or claimed by another worker).
     """
     if not leases:
         return {}
-    stmt = (
+    by_length: dict[float, list[tuple[uuid.UUID, int]]] = {}
+    for execution_id, token, length in leases:
+        by_length.setdefault(float(length), []).append((execution_id, token))
+    answer: dict[uuid.UUID, bool] = {}
+    for length, pairs in by_length.items():
+        stmt = (
+            sa_update(executions)
+            .where(E.status.in_(sources(Event.HEARTBEAT)), tuple_(E.id, E.lease_token).in_(pairs))
+            .values(heartbeat_at=db_now(), lease_expires_at=seconds(length))
+            .returning(E.id, E.cancel_requested)
+        )
+        answer.update({row[0]: bool(row[1]) for row in conn.execute(stmt)})
+    return answer
+
+
+#: How each kind of ending writes the fixed columns; the rest come from the attempt.
+Ending = Literal["finish", "retry", "final", "interrupted"]
+
+
+def _ending_set(kind: Ending) -> dict[str, Any]:
+    cancel = E.cancel_requested == true()
+    unless_cancelled = case((cancel, CANCELLED), else_=bindparam("v_status"))
+    ended = {"lease_expires_at": None, "heartbeat_at": db_now()}
+    if kind == "finish":
+        return {**ended, "status": target_of(Event.FINISH), "finished_at": db_now()}
+    if kind == "final":
+        return {**ended, "status": unless_cancelled, "finished_at": db_now()}
+    waits = {
+        **ended,
+        "status": unless_cancelled,
+        "due_at": case((cancel, E.due_at), else_=after("wait_s")),
+        "finished_at": case((cancel, db_now()), else_=None),
+    }
+    if kind == "interrupted":  # the process stopped, the job did not fail: not counted
+        waits["max_attempts"] = case((cancel, E.max_attempts), else_=E.max_attempts + 1)
+    return waits
+
+
+@functools.cache
+def _end_statement(kind: Ending, how: str, keys: tuple[str, ...], with_ledger: bool) -> Any:
+    """The UPDATE that ends an attempt; on PostgreSQL with the ledger row in one statement.
+
+    ``WITH ended AS (UPDATE ... RETURNING *), ledger AS (INSERT ... SELECT FROM ended)
+    SELECT * FROM ended``: the ledger row exists only if the update matched.
+    """
+    event = Event.FINISH if kind == "finish" else Event.FAIL
+    values = {k: bindparam(f"v_{k}", type_=executions.c[k].type) for k in keys}
+    update = (
         sa_update(executions)
-        .where(E.status == RUNNING, tuple_(E.id, E.lease_token).in_(list(leases)))
-        .values(heartbeat_at=now)
-        .returning(E.id, E.cancel_requested)
+        .where(_owned_where(event, how))
+        .values({**_ending_set(kind), **values})
+        .returning(*executions.c)
     )
-    return {row[0]: bool(row[1]) for row in conn.execute(stmt)}
+    if not with_ledger:
+        return update
+    ended = update.cte("ended")
+    ledger_keys = [c.name for c in attempts.c if c.name != "id"]
+    ledger_values = [bindparam(f"a_{k}", type_=attempts.c[k].type) for k in ledger_keys]
+    ledger = (
+        insert(attempts).from_select(ledger_keys, select(*ledger_values).select_from(ended))
+    ).cte("ledger")
+    return select(ended).add_cte(ledger)
 
 
-def finish(
+def end_attempt(
     conn: Connection,
     lease: Lease,
+    kind: Ending,
     values: Mapping[str, Any],
     attempt_row: Mapping[str, Any],
     *,
+    status: str | None = None,
+    wait_s: float = 0.0,
     insert_if_missing: Mapping[str, Any] | None = None,
 ) -> Execution | None:
     """End an attempt: update the execution and append its ledger row, atomically.
 
-    Returns the updated execution, or None when the lease was lost (nothing written).
-    ``insert_if_missing`` creates the row instead when an inline run's insert rolled back.
-    On PostgreSQL both writes are one statement (a data-modifying CTE): one round trip,
-    atomic even outside a transaction.
+    ``kind`` is ``finish`` (succeeded), ``retry`` (retrying, due in ``wait_s``),
+    ``final`` (``status``: failed or timed_out) or ``interrupted`` (retrying, due now,
+    not counted). Whatever the kind, a failure of an execution whose cancel was
+    requested ends ``cancelled``: decided by the database, so a cancel that arrives
+    after the runner's own decision still wins. Returns the execution, or None when the
+    lease was lost (nothing written). ``insert_if_missing`` creates the row instead when
+    an inline run's first insert rolled back.
     """
-    if conn.dialect.name == "postgresql" and insert_if_missing is None:
-        stmt = _finish_cte(lease.how, tuple(values), tuple(attempt_row))
-        params = {f"v_{k}": v for k, v in values.items()}
-        params.update({f"a_{k}": v for k, v in attempt_row.items()})
-        found = conn.execute(stmt, _lease_params(lease, params)).mappings().first()
-        return Execution.from_row(found) if found is not None else None
-    row = conn.execute(_FINISH[lease.how], _lease_params(lease, values)).mappings().first()
+    params = {f"v_{k}": v for k, v in values.items()}
+    params.update(v_status=status or RUNNING, wait_s=float(wait_s))
+    ledger = {f"a_{c.name}": attempt_row.get(c.name) for c in attempts.c if c.name != "id"}
+    pg = conn.dialect.name == "postgresql" and insert_if_missing is None
+    stmt = _end_statement(kind, lease.how, tuple(values), pg)
+    row = conn.execute(stmt, _lease_params(lease, {**params, **ledger})).mappings().first()
     if row is None and insert_if_missing is not None:
-        exists = conn.execute(select(E.id).where(E.id == lease.execution_id)).first()
-        if exists is None:
-            conn.execute(_INSERT, dict(insert_if_missing))
-            row = (
-                conn.execute(select(executions).where(E.id == lease.execution_id))
-                .mappings()
-                .first()
-            )
+        row = _insert_ended(conn, lease, insert_if_missing)
     if row is None:
         return None
-    conn.execute(_INSERT_ATTEMPT, dict(attempt_row))
+    if not pg:
+        conn.execute(insert(attempts), {k[2:]: v for k, v in ledger.items()})
     return Execution.from_row(row)
+
+
+def _insert_ended(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> Any:
+    """An inline run whose first transaction rolled back: create its row as it ended."""
+    if conn.execute(select(E.id).where(E.id == lease.execution_id)).first() is not None:
+        return None
+    conn.execute(insert(executions).values(_due(values)))
+    return conn.execute(select(executions).where(E.id == lease.execution_id)).mappings().first()
 
 
 # -- reads -----------------------------------------------------------------------------------
@@ -379,15 +556,18 @@ def list_executions(
     *,
     status: Iterable[str] | None = None,
     job: str | None = None,
+    queue: str | None = None,
     since: datetime | None = None,
     limit: int = 100,
 ) -> list[Execution]:
-    """Executions newest first, filtered by status, job name and creation time."""
+    """Executions newest first, filtered by status, job name, queue and creation time."""
     stmt = select(executions).order_by(E.created_at.desc(), E.id).limit(limit)
     if status is not None:
         stmt = stmt.where(E.status.in_([str(s) for s in status]))
     if job is not None:
         stmt = stmt.where(E.job == job)
+    if queue is not None:
+        stmt = stmt.where(E.queue == queue)
     if since is not None:
         stmt = stmt.where(E.created_at >= since)
     return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
@@ -403,59 +583,63 @@ def list_attempts(conn: Connection, execution_id: uuid.UUID) -> list[Attempt]:
     return [Attempt.from_row(r) for r in conn.execute(stmt).mappings()]
 
 
-# -- operator actions ------------------------------------------------------------------------
+# -- operator actions (events: cancel, cancel_requested, retried_by_hand) --------------------
 
 
-def cancel(conn: Connection, execution_id: uuid.UUID, now: datetime) -> Execution | None:
-    """Cancel at once if not running; flag a running execution for its worker to stop."""
+def cancel(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
+    """Cancel a waiting execution at once, or flag a running one for its holder to stop.
+
+    One statement, so a claim racing it either happened first (the flag is set on the
+    running row) or not at all (the row is cancelled). None if neither applies.
+    """
+    waiting = E.status.in_(sources(Event.CANCEL))
     stmt = (
         sa_update(executions)
-        .where(E.id == execution_id, E.status.in_(CLAIMABLE_STATUSES))
+        .where(
+            E.id == execution_id,
+            E.status.in_(sources(Event.CANCEL) + sources(Event.CANCEL_REQUESTED)),
+        )
         .values(
-            status=ExecutionStatus.CANCELLED.value,
-            finished_at=now,
-            next_retry_at=None,
+            status=case((waiting, target(Event.CANCEL)), else_=E.status),
+            finished_at=case((waiting, db_now()), else_=E.finished_at),
             cancel_requested=true(),
         )
         .returning(executions)
     )
     row = conn.execute(stmt).mappings().first()
-    if row is None:
-        stmt = (
-            sa_update(executions)
-            .where(E.id == execution_id, E.status == RUNNING)
-            .values(cancel_requested=true())
-            .returning(executions)
-        )
-        row = conn.execute(stmt).mappings().first()
     return Execution.from_row(row) if row else None
 
 
 def requeue(
-    conn: Connection,
-    execution_id: uuid.UUID,
-    *,
-    from_statuses: Sequence[str],
-    max_attempts: int,
-    triggered_by: str,
-    now: datetime,
+    conn: Connection, execution_id: uuid.UUID, *, max_attempts: int, triggered_by: str
 ) -> Execution | None:
-    """Put a finished execution back to pending for an explicit retry."""
+    """Put an execution that ended badly back to pending for an explicit retry."""
     stmt = (
         sa_update(executions)
-        .where(E.id == execution_id, E.status.in_(list(from_statuses)))
+        .where(E.id == execution_id, E.status.in_(sources(Event.RETRIED_BY_HAND)))
         .values(
-            status=ExecutionStatus.PENDING.value,
+            status=target(Event.RETRIED_BY_HAND),
             max_attempts=max_attempts,
             triggered_by=triggered_by,
             cancel_requested=false(),
-            next_retry_at=now,
+            due_at=db_now(),
             finished_at=None,
+            lease_expires_at=None,
         )
         .returning(executions)
     )
     row = conn.execute(stmt).mappings().first()
-    return Execution.from_row(row) if row else None
+    if row is None:
+        return None
+    notify(conn, [row["queue"]])
+    return Execution.from_row(row)
+
+
+def notify(conn: Connection, queues: Iterable[str]) -> None:
+    """Wake the workers of ``queues`` when this transaction commits (PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        for queue in sorted(set(queues)):
+            conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, queue)))
 
 
 def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
@@ -464,84 +648,94 @@ def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
     return conn.execute(delete(executions).where(E.id.in_(ids))).rowcount
 
 
-def reap(conn: Connection, *, now: datetime, lease_timeout: float, limit: int) -> list[Execution]:
-    """Recover executions whose worker died, and say so in their ledger.
+# -- the reaper (events: lease_expired, reaped, stopped_cancelled) ---------------------------
 
-    Running executions whose heartbeat is older than ``lease_timeout`` seconds are
-    abandoned: their attempt gets an ``abandoned`` ledger row and their lease token moves
-    on, so the old worker, if it is only paused, can no longer write. Those, and
-    executions an interrupted worker left ``abandoned``, then go to ``retrying`` (due now;
-    a checkpointed one resumes at record) while attempts remain, else to ``failed``.
-    Candidates are locked with SKIP LOCKED, so many reapers can run at once.
+
+def reap(conn: Connection, *, limit: int) -> list[Execution]:
+    """Recover running executions whose lease expired, and say so in their ledger.
+
+    Compares ``lease_expires_at`` with the database's clock only: each lease has its
+    owner's length, renewed by its owner's heartbeats. Each expired attempt gets an
+    ``abandoned`` ledger row and its token moves on, so the old worker, if it is only
+    paused, can no longer write. The execution then goes to ``cancelled`` if a cancel
+    was requested, else ``retrying`` (due now; a checkpointed one resumes at record)
+    while attempts remain, else ``failed``. One reaper at a time per database (a
+    transaction-scoped advisory lock on PostgreSQL; SQLite's write lock); candidates
+    are locked with SKIP LOCKED.
     """
-    cutoff = now - timedelta(seconds=lease_timeout)
-    stale = (
-        select(
-            E.id,
-            E.status,
-            E.attempt,
-            E.max_attempts,
-            E.worker,
-            E.heartbeat_at,
-            E.phase,
-            E.triggered_by,
-            E.started_at,
+    if (
+        conn.dialect.name == "postgresql"
+        and not conn.execute(select(func.pg_try_advisory_xact_lock(_REAPER_LOCK))).scalar()
+    ):
+        return []  # another reaper is at it now
+    expired = (
+        conn.execute(
+            select(executions, db_now().label("db_now"))
+            .where(E.status.in_(sources(Event.LEASE_EXPIRED)), E.lease_expires_at < db_now())
+            .order_by(E.lease_expires_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
-        .where(
-            or_(
-                and_(E.status == RUNNING, E.heartbeat_at < cutoff),
-                E.status == ExecutionStatus.ABANDONED.value,
-            )
-        )
-        .order_by(E.heartbeat_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        .mappings()
+        .all()
     )
-    reaped = []
-    for row in conn.execute(stale).mappings().all():
-        values: dict[str, Any] = {"lease_token": E.lease_token + 1, "worker": None}
-        if row["status"] == RUNNING:
-            beat = row["heartbeat_at"]
-            last = f"{beat:%Y-%m-%d %H:%M:%S} UTC" if beat is not None else "never"
-            message = (
-                f"worker {row['worker']} stopped heartbeating (last beat {last}, lease "
-                f"{lease_timeout:g}s); attempt {row['attempt']} was abandoned"
-            )
-            conn.execute(
-                insert(attempts),
-                {
-                    "execution_id": row["id"],
-                    "number": row["attempt"],
-                    "status": ExecutionStatus.ABANDONED.value,
-                    "phase": row["phase"],
-                    "resumed_from": "unknown",
-                    "worker": row["worker"],
-                    "triggered_by": row["triggered_by"],
-                    "started_at": row["heartbeat_at"] or row["started_at"] or now,
-                    "finished_at": now,
-                    "error_type": "jobrunner.WorkerLost",
-                    "error_message": message,
-                },
-            )
-            values.update(
-                error_type="jobrunner.WorkerLost", error_message=message, error_traceback=None
-            )
-        if row["attempt"] < row["max_attempts"]:
-            values.update(
-                status=ExecutionStatus.RETRYING.value, next_retry_at=now, finished_at=None
-            )
-        else:
-            values.update(status=ExecutionStatus.FAILED.value, finished_at=now, next_retry_at=None)
-        updated = (
-            conn.execute(
-                sa_update(executions).where(E.id == row["id"]).values(values).returning(executions)
-            )
-            .mappings()
-            .first()
+    return [r for r in (_reap_one(conn, row) for row in expired) if r is not None]
+
+
+def _reap_one(conn: Connection, row: Any) -> Execution | None:
+    now, phase = row["db_now"], row["phase"] or "load"
+    message = (
+        f"worker {row['worker']} lost its lease in {phase} (lease expired "
+        f"{row['lease_expires_at']:%Y-%m-%d %H:%M:%S} UTC, last heartbeat "
+        f"{_when(row['heartbeat_at'])}); attempt {row['attempt']} was abandoned"
+    )
+    conn.execute(
+        insert(attempts),
+        {
+            "execution_id": row["id"],
+            "number": row["attempt"],
+            "status": ExecutionStatus.ABANDONED.value,
+            "phase": phase,
+            "resumed_from": "record" if row["checkpointed"] else "load",
+            "worker": row["worker"],
+            "triggered_by": row["triggered_by"],
+            "started_at": row["heartbeat_at"] or row["started_at"] or now,
+            "finished_at": now,
+            "error_type": "jobrunner.WorkerLost",
+            "error_message": message,
+        },
+    )
+    cancel = E.cancel_requested == true()
+    last = E.attempt >= E.max_attempts
+    stmt = (
+        sa_update(executions)
+        .where(E.id == row["id"], E.status == RUNNING, E.lease_token == row["lease_token"])
+        .values(
+            status=case(
+                (cancel, target_of(Event.STOPPED_CANCELLED)),
+                (last, target(Event.REAPED)),
+                else_=target(Event.LEASE_EXPIRED),
+            ),
+            lease_token=E.lease_token + 1,
+            lease_expires_at=None,
+            due_at=case((or_(cancel, last), E.due_at), else_=db_now()),
+            finished_at=case((or_(cancel, last), db_now()), else_=None),
+            error_type="jobrunner.WorkerLost",
+            error_message=message,
+            error_traceback=None,
         )
-        if updated is not None:
-            reaped.append(Execution.from_row(updated))
-    return reaped
+        .returning(executions)
+    )
+    updated = conn.execute(stmt).mappings().first()
+    if updated is None:
+        return None
+    if updated["status"] == RETRYING:
+        notify(conn, [updated["queue"]])
+    return Execution.from_row(updated)
+
+
+def _when(value: datetime | None) -> str:
+    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value is not None else "never"
 
 
 # -- housekeeping and statistics (prune, stats, id prefixes) --------------------------------
@@ -657,8 +851,8 @@ def find_ids_by_prefix(conn: Connection, prefix: str, *, limit: int = 2) -> list
 # -- queue integrations (Celery) ---------------------------------------------------------------
 
 
-def mark_due(conn: Connection, execution_id: uuid.UUID, at: datetime) -> bool:
-    """Make a pending/retrying execution due at ``at`` for ``run_due()``.
+def mark_due(conn: Connection, execution_id: uuid.UUID, in_seconds: float = 0.0) -> bool:
+    """Make a waiting execution due ``in_seconds`` from the database's now.
 
     For a queue message that could not be sent: the row is not orphaned. False when
     the execution is no longer waiting (it ran, or was cancelled, meanwhile).
@@ -666,7 +860,7 @@ def mark_due(conn: Connection, execution_id: uuid.UUID, at: datetime) -> bool:
     stmt = (
         sa_update(executions)
         .where(E.id == execution_id, _CLAIMABLE)
-        .values(next_retry_at=at)
+        .values(due_at=seconds(in_seconds))
         .returning(E.id)
     )
     return conn.execute(stmt).first() is not None

@@ -22,6 +22,8 @@ class Execution:
     args: dict[str, Any]
     status: ExecutionStatus
     phase: str | None
+    queue: str
+    priority: int
     attempt: int
     max_attempts: int
     triggered_by: str
@@ -35,7 +37,8 @@ class Execution:
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
-    next_retry_at: datetime | None
+    lease_expires_at: datetime | None
+    due_at: datetime | None
     load_ms: float | None
     execute_ms: float | None
     record_ms: float | None
@@ -52,6 +55,11 @@ class Execution:
         values = dict(row)
         values["status"] = ExecutionStatus(values["status"])
         return cls(**values)
+
+    @property
+    def next_retry_at(self) -> datetime | None:
+        """When a ``retrying`` execution is due again (None otherwise)."""
+        return self.due_at if self.status is ExecutionStatus.RETRYING else None
 
     @property
     def duration_ms(self) -> float | None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Callable
 
 import sqlalchemy.exc
 import tenacity
@@ -68,19 +67,6 @@ _INITIAL = (
 )
 
 
-class _WaitFrom(tenacity.wait.wait_base):
-    """Count waits from the execution's attempt number, not this run's."""
-
-    def __init__(self, inner: tenacity.wait.wait_base, offset: int) -> None:
-        self.inner = inner
-        self.offset = offset
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        shifted = copy.copy(retry_state)
-        shifted.attempt_number += self.offset
-        return self.inner(shifted)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
     """How an execution is retried. Default: one attempt, no retry.
@@ -138,46 +124,27 @@ class RetryPolicy:
             return "no retry"
         return f"{self.max_attempts} attempts, {self.wait_initial:g}s..{self.wait_max:g}s backoff"
 
-    def _controller_kwargs(self, done_attempts: int, max_attempts: int) -> dict[str, Any]:
-        wait = tenacity.wait_exponential_jitter(
+    @functools.cached_property
+    def _wait(self) -> tenacity.wait.wait_base:
+        return tenacity.wait_exponential_jitter(
             max=self.wait_max,
             exp_base=self.multiplier,
             jitter=self.jitter,
             **{_INITIAL: self.wait_initial},
         )
-        return {
-            "stop": tenacity.stop_after_attempt(max(1, max_attempts - done_attempts)),
-            "wait": _WaitFrom(wait, done_attempts),
-            "retry": tenacity.retry_if_exception(self.is_retryable),
-            "reraise": True,
-        }
 
-    def retrying(
-        self,
-        *,
-        done_attempts: int,
-        max_attempts: int,
-        before_sleep: Callable[[tenacity.RetryCallState], None],
-    ) -> tenacity.Retrying:
-        """A fresh sync tenacity controller for one run of an execution.
+    def wait_after(self, attempt: int) -> float:
+        """Seconds to wait after attempt number ``attempt`` failed (tenacity's backoff).
 
-        ``max_attempts`` is the execution's (an explicit retry extends the policy's).
+        Counted from the execution's attempt number, not the current run's, so a worker
+        picking an execution up after a crash keeps growing the wait.
         """
-        return tenacity.Retrying(
-            before_sleep=before_sleep, **self._controller_kwargs(done_attempts, max_attempts)
-        )
+        state = tenacity.RetryCallState(retry_object=_CONTROLLER, fn=None, args=(), kwargs={})
+        state.attempt_number = attempt
+        return float(self._wait(state))
 
-    def async_retrying(
-        self,
-        *,
-        done_attempts: int,
-        max_attempts: int,
-        before_sleep: Callable[[tenacity.RetryCallState], Awaitable[None]],
-    ) -> tenacity.AsyncRetrying:
-        """A fresh async tenacity controller for one run of an execution."""
-        return tenacity.AsyncRetrying(
-            before_sleep=before_sleep, **self._controller_kwargs(done_attempts, max_attempts)
-        )
 
+#: Only to build RetryCallState values for wait strategies; never runs anything.
+_CONTROLLER = tenacity.Retrying()
 
 NO_RETRY = RetryPolicy()

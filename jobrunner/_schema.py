@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     Uuid,
     false,
+    literal_column,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -32,8 +33,9 @@ class ExecutionStatus(enum.StrEnum):
     """Where an execution is in its life.
 
     ``pending → running → succeeded | failed | retrying → running ... | timed_out |
-    cancelled | abandoned``. ``abandoned`` means the worker died; the reaper retries or
-    fails it per the job's retry policy.
+    cancelled``. ``abandoned`` is an attempt's status in the ledger (its worker died or
+    was stopped); an execution moves on from it at once. Every change is a row of
+    :data:`jobrunner._lifecycle.TRANSITIONS`.
     """
 
     PENDING = "pending"
@@ -60,6 +62,9 @@ TERMINAL_STATUSES = frozenset(
     }
 )
 CLAIMABLE_STATUSES = (ExecutionStatus.PENDING.value, ExecutionStatus.RETRYING.value)
+
+#: The queue of executions whose job and submit name none.
+DEFAULT_QUEUE = "default"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -97,6 +102,8 @@ executions = Table(
     Column("args", _json(), nullable=False),
     Column("status", String(16), nullable=False),
     Column("phase", String(16)),
+    Column("queue", String(100), nullable=False, server_default=DEFAULT_QUEUE),
+    Column("priority", Integer, nullable=False, server_default="0"),
     Column("attempt", Integer, nullable=False),
     Column("max_attempts", Integer, nullable=False),
     Column("triggered_by", String(100), nullable=False),
@@ -110,7 +117,8 @@ executions = Table(
     Column("started_at", UTCDateTime()),
     Column("finished_at", UTCDateTime()),
     Column("heartbeat_at", UTCDateTime()),
-    Column("next_retry_at", UTCDateTime()),
+    Column("lease_expires_at", UTCDateTime()),
+    Column("due_at", UTCDateTime()),
     Column("load_ms", Float),
     Column("execute_ms", Float),
     Column("record_ms", Float),
@@ -120,7 +128,22 @@ executions = Table(
     Column("error_type", String(255)),
     Column("error_message", Text),
     Column("error_traceback", Text),
-    Index("ix_jobrunner_executions_status_next_retry", "status", "next_retry_at"),
+    # The claim: waiting executions by queue, highest priority first, oldest due first.
+    Index(
+        "ix_jobrunner_executions_due",
+        "queue",
+        literal_column("priority DESC"),
+        "due_at",
+        postgresql_where=literal_column("status IN ('pending', 'retrying')"),
+        sqlite_where=literal_column("status IN ('pending', 'retrying')"),
+    ),
+    # The reaper: running executions by lease expiry.
+    Index(
+        "ix_jobrunner_executions_lease",
+        "lease_expires_at",
+        postgresql_where=literal_column("status = 'running'"),
+        sqlite_where=literal_column("status = 'running'"),
+    ),
     Index("ix_jobrunner_executions_job_status", "job", "status"),
     Index("ix_jobrunner_executions_created_at", "created_at"),
     Index("ux_jobrunner_executions_idempotency_key", "idempotency_key", unique=True),

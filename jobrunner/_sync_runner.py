@@ -3,48 +3,39 @@
 from __future__ import annotations
 
 import builtins
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
-import tenacity
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from . import _queries as q
-from ._attempt import AttemptState, utcnow
+from ._attempt import AttemptState
 from ._base import (
-    RETRYABLE_BY_HAND,
-    RETRYING,
     IdLike,
     StatusFilter,
     _as_id,
     _full_url,
-    _interval,
     _missing,
     _prune_plan,
     _RunnerBase,
     _since,
     _statuses,
-    _StopRun,
 )
-from ._engine import (
-    database_url,
-    display_url,
-    make_sync_engine,
-)
-from ._errors_db import WrongEventLoop
-from ._exceptions import (
-    ConfigurationError,
-    LeaseLost,
-)
-from ._inflight import SyncHeartbeat
+from ._engine import database_url, display_url, make_sync_engine
+from ._exceptions import ConfigurationError
+from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep, drive
+from ._inflight import Running, SyncHeartbeat
 from ._job import PhasedJob
 from ._phases import SyncPhases, make_job
 from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry
 from ._session import SessionScope
+from ._threads import DaemonPool
+from ._worker import SyncWorker, WorkOptions
 
 
 class JobRunner(_RunnerBase):
@@ -62,12 +53,17 @@ class JobRunner(_RunnerBase):
         registry: where job names and handler paths are looked up (default: the
             process-wide :data:`default_registry`).
         worker_id: this worker's name in leases and the ledger (default host:pid:random).
-        inline_retry_max_wait: retry waits up to this many seconds are slept inline;
-            longer ones end the run ``retrying`` for :meth:`run_due` (default 5).
+        inline_retry_max_wait: retry waits up to this many seconds are slept inline by
+            :meth:`run`; longer ones end the run ``retrying`` for a worker (default 5).
         on_retry_scheduled: called with the execution when a long wait left it
             ``retrying`` (integrations schedule it, e.g. as a Celery countdown).
-        heartbeat_interval: seconds between lease refreshes of running executions, in
-            one short transaction each (default 10; :meth:`reap` uses 3x by default).
+        heartbeat_interval: seconds between lease renewals of running executions, in
+            one short transaction each (default 10).
+        lease_duration: how long a claim (and each renewal) holds an execution, by the
+            database's clock (default three heartbeat intervals; at least two). An
+            execution whose lease expires is recovered by :meth:`reap`.
+        max_threads: the runner's own thread pool, for sync executes with a timeout
+            (default 32; a worker grows it to its concurrency).
         slow_phase_threshold: log phases longer than this many seconds (None: never).
         **engine_options: passed to ``create_engine`` (``pool_size``, ``max_overflow``,
             ``busy_timeout`` in seconds for SQLite, ...).
@@ -85,6 +81,8 @@ class JobRunner(_RunnerBase):
         inline_retry_max_wait: float = 5.0,
         on_retry_scheduled: Callable[[Execution], None] | None = None,
         heartbeat_interval: float = 10.0,
+        lease_duration: float | None = None,
+        max_threads: int = 32,
         slow_phase_threshold: float | None = 10.0,
         **engine_options: Any,
     ) -> None:
@@ -94,6 +92,9 @@ class JobRunner(_RunnerBase):
             inline_retry_max_wait=inline_retry_max_wait,
             on_retry_scheduled=on_retry_scheduled,
             slow_phase_threshold=slow_phase_threshold,
+            heartbeat_interval=heartbeat_interval,
+            lease_duration=lease_duration,
+            max_threads=max_threads,
         )
         self.engine = (
             engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
@@ -109,11 +110,10 @@ class JobRunner(_RunnerBase):
             if engine is None and self.engine.dialect.name == "postgresql"
             else None
         )
-        self._phases = SyncPhases(self.engine, self.url, self._autocommit_engine)
-        self._heartbeat_interval = _interval(heartbeat_interval)
-        self._heartbeat = SyncHeartbeat(
-            self._inflight, self._phases.tx, _interval(heartbeat_interval)
-        )
+        self._pool = DaemonPool(self._max_threads, name="jobrunner-sync")
+        self._phases = SyncPhases(self.engine, self.url, self._autocommit_engine, self._pool)
+        self._heartbeat = SyncHeartbeat(self._inflight, self._phases.tx, self._heartbeat_interval)
+        self._worker: SyncWorker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -123,8 +123,9 @@ class JobRunner(_RunnerBase):
             q.create_schema(conn)
 
     def close(self) -> None:
-        """Stop the heartbeat and dispose of the engine's connections."""
+        """Stop the heartbeat and the thread pool; dispose of the engine's connections."""
         self._heartbeat.stop()
+        self._pool.shutdown(wait=False)
         self.engine.dispose()
         if self._autocommit_engine is not None:
             self._autocommit_engine.dispose()
@@ -145,12 +146,14 @@ class JobRunner(_RunnerBase):
         idempotency_key: str | None = None,
         triggered_by: str = "api",
         external_id: str | None = None,
-        due: bool = True,
+        queue: str | None = None,
+        priority: int | None = None,
     ) -> uuid.UUID:
-        """Validate ``args`` and store a pending execution; returns its id.
+        """Validate ``args`` and store a pending execution, due now; returns its id.
 
         With ``idempotency_key``, a second submit returns the first execution's id.
-        ``due=False`` leaves it to a queue (Celery) instead of :meth:`run_due`.
+        ``queue`` and ``priority`` override the job's. On PostgreSQL the commit wakes
+        idle workers (``LISTEN/NOTIFY``).
         """
         _, row = self._submission(
             job,
@@ -158,13 +161,17 @@ class JobRunner(_RunnerBase):
             idempotency_key=idempotency_key,
             triggered_by=triggered_by,
             external_id=external_id,
-            due=due,
+            queue=queue,
+            priority=priority,
         )
-        with self._phases.tx() as conn:
+        with self._phases.tx(single=True) as conn:
             if idempotency_key is not None:
-                return q.insert_unique(conn, row)
-            q.insert_execution(conn, row)
-        return uuid.UUID(str(row["id"]))
+                execution_id = q.insert_unique(conn, row)
+            else:
+                q.insert_execution(conn, row)
+                execution_id = row["id"]
+        self._submitted()
+        return execution_id
 
     def run(
         self,
@@ -198,46 +205,90 @@ class JobRunner(_RunnerBase):
         )
 
     def run_execution(self, execution_id: IdLike, *, job: JobRef | None = None) -> Execution:
-        """Claim and run a pending or retrying execution (e.g. one submitted elsewhere).
+        """Claim and run a pending or retrying execution that is due (e.g. submitted elsewhere).
 
-        An execution that already finished, or is running elsewhere, is returned as is.
-        ``job`` is an optional hint (a queue message may carry it): with it, the runner
-        claims at once instead of reading the row first, saving a round trip.
+        An execution that already finished, runs elsewhere, or waits for its retry's
+        backoff is returned as is. ``job`` is an optional hint (a queue message may carry
+        it): with it, the runner claims at once instead of reading the row first.
         """
         hinted = self._hinted(job)
+        eid = _as_id(execution_id)
         if hinted is not None:
-            eid = _as_id(execution_id)
-            with self._phases.tx(single=True) as conn:
-                row = q.claim(conn, eid, worker=self.worker_id, now=utcnow(), phase="load")
+            row = self._claim(eid, hinted, None)
             return self.get(eid) if row is None else self._drive(self._claimed_one(hinted, row))
-        current = self.get(execution_id)
+        current = self.get(eid)
         job_cls = self._claimable(current)
         if job_cls is None:
             return current
-        return self._claim_and_drive(job_cls, current)
+        row = self._claim(eid, job_cls, self._concurrency(job_cls, current))
+        return self.get(eid) if row is None else self._drive(self._state(job_cls, row))
 
-    def run_due(self, *, limit: int = 100) -> builtins.list[Execution]:
-        """Claim and run executions whose time has come (retries, plain submits)."""
-        with self._phases.tx() as conn:
-            rows = q.claim_due(
-                conn,
-                worker=self.worker_id,
-                now=utcnow(),
-                limit=limit,
-                jobs=self._runnable_jobs(),
-                limits=self._limits(),
+    def run_due(
+        self, *, limit: int = 100, concurrency: int = 1, queues: Sequence[str] | None = None
+    ) -> builtins.list[Execution]:
+        """Run executions that are due now, claiming each just before it runs.
+
+        At most ``limit`` of them, ``concurrency`` at a time (in threads when > 1).
+        Returns them as they ended, in the order they finished.
+        """
+        return self._work(
+            WorkOptions.for_run_due(limit=limit, concurrency=concurrency, queues=queues)
+        )
+
+    def work(
+        self,
+        *,
+        concurrency: int = 8,
+        queues: Sequence[str] | None = None,
+        until_idle: bool = False,
+        poll_interval: float = 1.0,
+        grace_period: float = 30.0,
+        reap_interval: float | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        """Run executions as they come due, ``concurrency`` at a time, until stopped.
+
+        Claims only as many as it has free slots, each just before it runs; sleeps
+        ``poll_interval`` between polls but wakes at once on PostgreSQL ``NOTIFY`` (and
+        on submits from this runner); reaps expired leases every ``reap_interval``
+        seconds (one reaper per database at a time). Stops when :meth:`stop_work` is
+        called (or SIGTERM/SIGINT with ``handle_signals``): claims nothing new, lets
+        what runs finish within ``grace_period``, then returns. With ``until_idle`` it
+        returns once nothing is due and nothing runs.
+        """
+        self._work(
+            WorkOptions(
+                concurrency=concurrency,
+                queues=queues,
+                until_idle=until_idle,
+                poll_interval=poll_interval,
+                grace_period=grace_period,
+                reap_interval=reap_interval or self._heartbeat_interval,
+                handle_signals=handle_signals,
             )
-        states = self._claimed(rows)
-        with self._inflight.hold(states):
-            self._heartbeat.ensure_running()
-            return [self._drive(state) for state in states]
+        )
+
+    def stop_work(self) -> None:
+        """Ask a running :meth:`work` loop to stop gracefully (safe from any thread)."""
+        if self._worker is not None:
+            self._worker.stop()
+
+    def _work(self, options: WorkOptions) -> builtins.list[Execution]:
+        if self._worker is not None:
+            raise ConfigurationError("this JobRunner is already working; one work() at a time")
+        self._pool.max_workers = max(self._pool.max_workers, options.concurrency)
+        self._worker = SyncWorker(self, options)
+        try:
+            return self._worker.run()
+        finally:
+            self._worker = None
 
     # -- reading -------------------------------------------------------------------------
 
     def get(self, execution_id: IdLike) -> Execution:
         """One execution by id; :class:`ExecutionNotFound` if there is none."""
         eid = _as_id(execution_id)
-        with self._phases.tx(single=True) as conn:
+        with self._phases.tx(single=True, read=True) as conn:
             execution = q.get(conn, eid)
         return execution if execution is not None else _missing(eid)
 
@@ -246,19 +297,25 @@ class JobRunner(_RunnerBase):
         *,
         status: StatusFilter = None,
         job: str | None = None,
+        queue: str | None = None,
         since: datetime | timedelta | None = None,
         limit: int = 100,
     ) -> builtins.list[Execution]:
         """Executions newest first; ``since`` is a datetime or a timedelta back from now."""
-        with self._phases.tx() as conn:
+        with self._phases.tx(read=True) as conn:
             return q.list_executions(
-                conn, status=_statuses(status), job=job, since=_since(since), limit=limit
+                conn,
+                status=_statuses(status),
+                job=job,
+                queue=queue,
+                since=_since(since),
+                limit=limit,
             )
 
     def attempts(self, execution_id: IdLike) -> builtins.list[Attempt]:
         """The attempt ledger of one execution, oldest first."""
         eid = _as_id(execution_id)
-        with self._phases.tx() as conn:
+        with self._phases.tx(read=True) as conn:
             if q.get(conn, eid) is None:
                 _missing(eid)
             return q.list_attempts(conn, eid)
@@ -266,7 +323,7 @@ class JobRunner(_RunnerBase):
     def stats(self, since: datetime | timedelta | None = None) -> builtins.list[JobStats]:
         """Counts and p50/p95 durations per job and status, for executions created since."""
         after = _since(since)
-        with self._phases.tx() as conn:
+        with self._phases.tx(read=True) as conn:
             return q.job_stats(conn, since=after)
 
     # -- operator actions ------------------------------------------------------------------
@@ -277,43 +334,48 @@ class JobRunner(_RunnerBase):
         A pending or retrying execution is ``cancelled`` at once. A running one is flagged:
         its worker stops it (an async phase at its next ``await``, sync code at the next
         phase boundary or when it checks ``self.cancelled()``), at once when it runs in
-        this runner, else at its next heartbeat. Finished executions raise
+        this runner, else at its next heartbeat. A finished execute is checkpointed
+        first, so :meth:`retry` never repeats it. Finished executions raise
         :class:`InvalidTransition`.
         """
         eid = _as_id(execution_id)
         with self._phases.tx() as conn:
-            execution = q.cancel(conn, eid, utcnow())
+            execution = q.cancel(conn, eid)
             current = None if execution else q.get(conn, eid)
         return self._cancel_result(eid, execution, current)
 
     def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
-        """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
+        """Put a failed, timed-out or cancelled execution back to pending, due now.
+
+        It gets a fresh budget of attempts, and resumes at record if its execute was
+        checkpointed. A worker (``jobrunner worker``) or :meth:`run_due` runs it.
+        """
         current = self.get(execution_id)
         with self._phases.tx() as conn:
             execution = q.requeue(
                 conn,
                 current.id,
-                from_statuses=RETRYABLE_BY_HAND,
                 max_attempts=self._retry_budget(current),
                 triggered_by=triggered_by,
-                now=utcnow(),
             )
+        if execution is not None:
+            self._submitted()
         return self._retry_result(current.id, execution, current)
 
-    def reap(
-        self, lease_timeout: float | None = None, *, limit: int = 100
-    ) -> builtins.list[Execution]:
-        """Recover executions whose worker died (no heartbeat for ``lease_timeout`` s).
+    def reap(self, *, limit: int = 100) -> builtins.list[Execution]:
+        """Recover running executions whose lease expired (their worker died or hung).
 
-        Each is recorded as an abandoned attempt, then left ``retrying`` (due now, so
-        :meth:`run_due` picks it up, resuming at record if execute was checkpointed) while
-        attempts remain, else ``failed``. The default lease is three heartbeat intervals.
-        Safe to call from many workers at once (SKIP LOCKED on PostgreSQL).
+        Each is recorded as an abandoned attempt, then ``retrying`` (due now, resuming at
+        record if execute was checkpointed) while attempts remain, else ``failed``, or
+        ``cancelled`` if a cancel was requested. Leases are on the rows, compared with
+        the database's clock: any process may reap, with any settings. Safe to call from
+        many processes at once (one reaps at a time on PostgreSQL).
         """
-        seconds = self._lease_timeout(lease_timeout)
         with self._phases.tx() as conn:
-            reaped = q.reap(conn, now=utcnow(), lease_timeout=seconds, limit=limit)
+            reaped = q.reap(conn, limit=limit)
         self._log_reaped(reaped)
+        if any(e.status.value == "retrying" for e in reaped):
+            self._submitted()
         return reaped
 
     def prune(
@@ -356,78 +418,84 @@ class JobRunner(_RunnerBase):
     def _can_run(self, job_cls: type[PhasedJob]) -> bool:
         return not job_cls.spec.async_phases
 
-    def _claim_and_drive(self, job_cls: type[PhasedJob], current: Execution) -> Execution:
-        concurrency = self._concurrency(job_cls, current)
+    def _claim(
+        self,
+        execution_id: uuid.UUID,
+        job_cls: type[PhasedJob],
+        concurrency: tuple[str, str, int] | None,
+    ) -> dict[str, Any] | None:
         with self._phases.tx(single=concurrency is None) as conn:
-            row = q.claim(
+            return q.claim_one(
                 conn,
-                current.id,
+                execution_id,
                 worker=self.worker_id,
-                now=utcnow(),
-                phase="load",
+                lease_s=self.lease_duration,
+                no_load=[] if job_cls.spec.runs("load") else [job_cls.name],
                 concurrency=concurrency,
             )
-        if row is None:
-            return self.get(current.id)
-        return self._drive(AttemptState.claimed(job_cls, row, worker=self.worker_id))
+
+    def _claim_batch(self, limit: int, queues: Sequence[str] | None) -> builtins.list[AttemptState]:
+        """Claim up to ``limit`` due executions this runner can run (the worker's claim)."""
+        with self._phases.tx() as conn:
+            rows = q.claim_batch(
+                conn,
+                worker=self.worker_id,
+                lease_s=self.lease_duration,
+                limit=limit,
+                jobs=self._runnable_jobs(),
+                queues=queues,
+                no_load=self._no_load_jobs(),
+                limits=self._limits(),
+            )
+        return [self._claimed(row) for row in rows]
 
     def _scope(self) -> SessionScope:
         return SessionScope(lambda: self._phases.sessions, None, self._runner_name)
 
-    def _drive(self, state: AttemptState) -> Execution:
-        phases = self._phases
-
-        def before_sleep(retry: tenacity.RetryCallState) -> None:
-            wait = retry.upcoming_sleep
-            self._after_failure(state, phases.finish_failure(state, RETRYING, wait), wait)
-
-        try:
-            if state.last_attempt:  # nothing to retry: skip tenacity's bookkeeping
-                return self._attempt(state)
-            for attempt in state.policy.retrying(
-                done_attempts=state.number - 1,
-                max_attempts=state.max_attempts,
-                before_sleep=before_sleep,
-            ):
-                with attempt:
-                    return self._attempt(state)
-        except _StopRun as stop:
-            self._scheduled(stop.execution)
-            return stop.execution or self.get(state.execution_id)
-        except LeaseLost as exc:
-            self._lost(state, exc)
-            return self.get(state.execution_id)
-        except BaseException:
-            if state.error is None or isinstance(state.failure, WrongEventLoop):
-                raise
-            execution = phases.finish_failure(state, state.final_status(), None)
-            self._log_end(state, execution)
-            if not isinstance(state.failure, Exception):
-                raise
-            return execution or self.get(state.execution_id)
-        raise AssertionError("unreachable: tenacity ends with a result or an exception")
-
-    def _attempt(self, state: AttemptState) -> Execution:
-        phases = self._phases
-        if state.needs_claim:
-            row = phases.claim(state)
-            if row is None:
-                raise _StopRun(None)
-            state.adopt_claim(row)
-        state.slow_phase_ms = self._slow_phase_ms
-        running = self._inflight.running_for(state)
-        job = make_job(state, self._scope, running.cancel_event)
+    def _drive(self, state: AttemptState, *, worker: bool = False) -> Execution:
+        """Perform the flow's requests until it returns the execution."""
+        running = Running(state=state)
+        flow = drive(state, running, self._settings(worker=worker))
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
-            try:
-                running.check()  # a held lease may have been lost while it waited
-                if state.resume_from == "load":
-                    loaded = phases.load(state, job)
-                    running.check()
-                    result = phases.execute(state, job, loaded)
-                    running.check()
-                    phases.checkpoint(state, result)
-                return phases.record(state, job)
-            except BaseException as exc:
-                state.capture(exc)
-                raise
+            answer: Any = None
+            error: BaseException | None = None
+            while True:
+                try:
+                    request = flow.throw(error) if error is not None else flow.send(answer)
+                except StopIteration as stop:
+                    execution: Execution = stop.value
+                    return execution
+                answer, error = None, None
+                try:
+                    answer = self._perform(request, state, running)
+                except BaseException as exc:
+                    error = exc
+
+    def _perform(self, request: Request, state: AttemptState, running: Running) -> Any:
+        phases = self._phases
+        if isinstance(request, Execute):
+            return phases.execute(state, self._job(state, running), request.loaded, running)
+        if isinstance(request, Checkpoint):
+            return phases.checkpoint(state, request.result)
+        if isinstance(request, Load):
+            return phases.load(state, self._job(state, running))
+        if isinstance(request, Record):
+            return phases.record(state, self._job(state, running))
+        if isinstance(request, End):
+            return phases.end(state, request)
+        if isinstance(request, Claim):
+            return phases.claim(state, request.early_s)
+        if isinstance(request, Sleep):
+            time.sleep(request.seconds)
+            return None
+        assert isinstance(request, Fetch)
+        return phases.fetch(state) or _missing(state.execution_id)
+
+    def _job(self, state: AttemptState, running: Running) -> PhasedJob:
+        """The job instance of the current attempt (one per attempt)."""
+        if running.job is None or running.job_attempt != state.number:
+            running.job = make_job(state, self._scope, running.cancel_event)
+            running.job_attempt = state.number
+        job: PhasedJob = running.job
+        return job

@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
-from ._attempt import utcnow
+from ._clock import db_now
 from ._engine import make_sync_engine
+from ._lifecycle import WAITING
 from ._schema import TERMINAL_STATUSES, ExecutionStatus, attempts, executions
 
 __all__ = ["InvariantChecker"]
@@ -34,14 +36,13 @@ class _Seen:
 class InvariantChecker:
     """Checks the execution store at ``database_url`` for broken invariants."""
 
-    def __init__(self, database_url: str | URL, *, lease_timeout: float = 30.0) -> None:
-        self.lease_timeout = lease_timeout
+    def __init__(self, database_url: str | URL, *, reap_grace: float | None = 30.0) -> None:
+        self.reap_grace = reap_grace
         self._engine = make_sync_engine(database_url, poolclass=sa.pool.NullPool)
         self._seen: dict[uuid.UUID, _Seen] = {}
 
     def check(self) -> list[str]:
         """Every violation found now (and since the last call), as readable lines."""
-        now = utcnow()
         # One statement, so the rows and their ledger counts come from one snapshot.
         ledger_rows = (
             sa.select(sa.func.count())
@@ -50,10 +51,14 @@ class InvariantChecker:
             .label("ledger_rows")
         )
         with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(executions, ledger_rows)).mappings().all()
+            rows = (
+                conn.execute(sa.select(executions, ledger_rows, db_now().label("db_now")))
+                .mappings()
+                .all()
+            )
         problems: list[str] = []
         for row in rows:
-            problems.extend(self._check_row(row, row["ledger_rows"], now))
+            problems.extend(self._check_row(row, row["ledger_rows"], row["db_now"]))
         return problems
 
     def assert_ok(self) -> None:
@@ -67,12 +72,7 @@ class InvariantChecker:
 
     def _check_row(self, row: sa.RowMapping, ledger_rows: int, now: datetime) -> list[str]:
         eid, status = row["id"], row["status"]
-        problems = []
-        beat = row["heartbeat_at"]
-        if status == ExecutionStatus.RUNNING and (
-            beat is None or now - beat > timedelta(seconds=self.lease_timeout)
-        ):
-            problems.append(f"{eid} is running without a live lease (last heartbeat {beat})")
+        problems = self._lease_problems(row, now)
         seen = self._seen.get(eid)
         if seen is not None and seen.status in TERMINAL_STATUSES and status != seen.status:
             now_seen = (row["attempt"], row["max_attempts"], row["triggered_by"])
@@ -89,4 +89,24 @@ class InvariantChecker:
             )
         if status == ExecutionStatus.SUCCEEDED and not (row["checkpointed"] and row["finished_at"]):
             problems.append(f"{eid} succeeded without a checkpoint or a finish time")
+        if status in WAITING and (row["cancel_requested"] or row["due_at"] is None):
+            problems.append(
+                f"{eid} is {status} but no claim will ever take it "
+                f"(cancel_requested={row['cancel_requested']}, due_at={row['due_at']})"
+            )
+        if status not in {s.value for s in ExecutionStatus} or status == "abandoned":
+            problems.append(f"{eid} has status {status!r}, which no transition leads to")
         return problems
+
+    def _lease_problems(self, row: Any, now: datetime) -> list[str]:
+        if row["status"] != ExecutionStatus.RUNNING:
+            return []
+        expires = row["lease_expires_at"]
+        if expires is None:
+            return [f"{row['id']} is running without a lease"]
+        if self.reap_grace is not None and expires + timedelta(seconds=self.reap_grace) < now:
+            return [
+                f"{row['id']} is running on a lease that expired at {expires} "
+                f"(more than {self.reap_grace:g}s ago: nobody reaps it)"
+            ]
+        return []

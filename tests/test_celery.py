@@ -344,10 +344,10 @@ def test_enqueue_with_broker_down_marks_row_due(backend: Backend) -> None:
     app = Celery("down", broker=f"redis://127.0.0.1:{free_port()}/0")
     app.conf.update(task_publish_retry_policy={"max_retries": 1, "interval_start": 0})
     jobs = install(app, database_url=backend.url)
-    with pytest.raises(EnqueueFailed, match="marked due") as info:
+    with pytest.raises(EnqueueFailed, match="jobrunner worker") as info:
         jobs.enqueue(f"{JOB}.tick", {"n": 5})
     execution = jobs.runner.get(info.value.execution_id)
-    assert execution.status is ExecutionStatus.PENDING and execution.next_retry_at is not None
+    assert execution.status is ExecutionStatus.PENDING and execution.due_at is not None
     [ran] = jobs.runner.run_due()
     assert ran.id == execution.id and ran.succeeded and ran.result == 5
     jobs.close()
@@ -362,7 +362,7 @@ def test_enqueue_sends_once_per_idempotency_key(broker_url: str, backend: Backen
         again = jobs.enqueue(f"{JOB}.tick", {"n": 1}, idempotency_key="k1")
         assert first == again
         execution = jobs.runner.get(first)
-        assert execution.status is ExecutionStatus.PENDING and execution.next_retry_at is None
+        assert execution.status is ExecutionStatus.PENDING and execution.due_at is not None
         with app.connection_for_write() as conn:
             _, depth, _ = conn.default_channel.queue_declare(queue, passive=True)
             assert depth == 1

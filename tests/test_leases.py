@@ -16,7 +16,7 @@ from .conftest import Backend
 
 
 def _stale(runner: JobRunner) -> None:
-    """Make every running execution look like its worker died an hour ago."""
+    """Make every running execution's lease one that expired an hour ago."""
     from datetime import timedelta
 
     from jobrunner._attempt import utcnow
@@ -24,7 +24,7 @@ def _stale(runner: JobRunner) -> None:
 
     with runner.engine.begin() as conn:
         conn.execute(sa.update(executions).where(executions.c.status == "running").values(
-            heartbeat_at=utcnow() - timedelta(hours=1)))
+            lease_expires_at=utcnow() - timedelta(hours=1)))
 
 
 class Retryable(PhasedJob, register=False):
@@ -50,17 +50,16 @@ def test_reap_retries_or_fails_per_policy(runner: JobRunner) -> None:
     for eid in (retryable, once):  # claimed by a worker that then dies
         with runner.engine.begin() as conn:
             from jobrunner import _queries as q
-            from jobrunner._attempt import utcnow
 
-            assert q.claim(conn, eid, worker="dead-worker", now=utcnow(), phase="load")
-    assert runner.reap(lease_timeout=3600) == []  # heartbeats are fresh: nothing to reap
+            assert q.claim_one(conn, eid, worker="dead-worker", lease_s=3600)
+    assert runner.reap() == []  # its leases have not expired: nothing to reap
     _stale(runner)
-    reaped = {e.id: e for e in runner.reap(lease_timeout=60)}
+    reaped = {e.id: e for e in runner.reap()}
     assert reaped[retryable].status is ExecutionStatus.RETRYING
     assert reaped[once].status is ExecutionStatus.FAILED
     assert reaped[once].error_type == "jobrunner.WorkerLost"
-    assert "dead-worker stopped heartbeating" in (reaped[once].error_message or "")
-    assert runner.reap(lease_timeout=60) == []
+    assert "dead-worker lost its lease in load" in (reaped[once].error_message or "")
+    assert runner.reap() == []
     [rerun] = runner.run_due()
     assert rerun.id == retryable and rerun.succeeded and rerun.result == "attempt 2"
     assert [a.status for a in runner.attempts(retryable)] == [
@@ -76,13 +75,12 @@ async def test_async_reap_matches_sync(arunner: AsyncJobRunner, backend: Backend
     try:
         with sync.engine.begin() as conn:
             from jobrunner import _queries as q
-            from jobrunner._attempt import utcnow
 
-            q.claim(conn, eid, worker="gone", now=utcnow(), phase="load")
+            q.claim_one(conn, eid, worker="gone", lease_s=60)
         _stale(sync)
     finally:
         sync.close()
-    [reaped] = await arunner.reap(lease_timeout=60)
+    [reaped] = await arunner.reap()
     assert reaped.id == eid and reaped.status is ExecutionStatus.RETRYING
     [done] = await arunner.run_due()
     assert done.succeeded and done.attempt == 2
@@ -167,22 +165,21 @@ def test_the_invariant_checker_catches_what_it_promises(runner: JobRunner,
                                                         backend: Backend) -> None:
     """The checker reports a running row without a lease and a terminal status rewritten."""
     runner.registry.register(Once)
-    checker = InvariantChecker(backend.url, lease_timeout=60)
+    checker = InvariantChecker(backend.url, reap_grace=60)
     try:
         done = runner.run(Once)
         stuck = runner.submit(Once)
         with runner.engine.begin() as conn:
             from jobrunner import _queries as q
-            from jobrunner._attempt import utcnow
 
-            q.claim(conn, stuck, worker="w", now=utcnow(), phase="load")
+            q.claim_one(conn, stuck, worker="w", lease_s=30)
         assert checker.check() == []
         _stale(runner)
         with runner.engine.begin() as conn:
             conn.execute(sa.text("update jobrunner_executions set status = 'failed' "
                                  "where status = 'succeeded'"))
         problems = checker.check()
-        assert any(f"{stuck} is running without a live lease" in p for p in problems)
+        assert any(f"{stuck} is running on a lease that expired" in p for p in problems)
         assert any(f"{done.id} changed from terminal succeeded to failed" in p for p in problems)
     finally:
         checker.close()
@@ -196,9 +193,9 @@ async def test_async_idempotent_run(arunner: AsyncJobRunner) -> None:
     assert [a.number for a in await arunner.attempts(results[0].id)] == [1]
 
 
-def test_run_due_keeps_the_leases_of_waiting_claims_alive(backend: Backend) -> None:
-    """run_due runs its batch one by one; the waiting ones keep heartbeating, so a reaper
-    never takes them back and nothing runs twice."""
+def test_a_reaper_beside_run_due_never_takes_a_live_execution(backend: Backend) -> None:
+    """run_due claims each execution just before it runs and heartbeats the running one:
+    a reaper reaping all the while takes nothing back and nothing runs twice."""
     registry = Registry()
     runner = JobRunner(backend.url, registry=registry, heartbeat_interval=0.05)
     reaper = JobRunner(backend.url, registry=Registry())
@@ -217,7 +214,7 @@ def test_run_due_keeps_the_leases_of_waiting_claims_alive(backend: Backend) -> N
                 first_running.set()
                 import time
 
-                time.sleep(0.6)  # two lease timeouts: the waiting claims must keep beating
+                time.sleep(0.6)  # four leases of 0.15 s: only heartbeats keep it
                 first_done.set()
 
     registry.register(Batch)
@@ -232,7 +229,7 @@ def test_run_due_keeps_the_leases_of_waiting_claims_alive(backend: Backend) -> N
         # A reaper every 20 ms (a hot loop would hog SQLite's single write lock and starve
         # the heartbeat: real reapers run every few seconds).
         while not first_done.wait(0.02):
-            reaped += reaper.reap(lease_timeout=0.3)
+            reaped += reaper.reap()
         assert reaped == []
     finally:
         thread.join(10)

@@ -106,24 +106,16 @@ def _progress() -> Progress:
 
 
 @one_line_errors
-def reap(
-    ctx: typer.Context,
-    lease_timeout: Annotated[
-        float | None,
-        typer.Option(
-            "--lease-timeout",
-            metavar="SECONDS",
-            help="Seconds without a heartbeat before a running execution counts as abandoned "
-            "(default: three heartbeat intervals).",
-        ),
-    ] = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Recover executions whose worker died: retry or fail them per their policy."""
+def reap(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Recover executions whose lease expired (their worker died): retry or fail them.
+
+    Leases are on the rows, each of its worker's own length, compared with the
+    database's clock: no timeout to give, and a healthy worker is never reaped.
+    """
     reaped: list[Execution] = []
     with open_runner(ctx) as runner:
         while True:  # reaped executions leave `running`, so each round finds new ones
-            batch = runner.reap(lease_timeout=lease_timeout, limit=_REAP_BATCH)
+            batch = runner.reap(limit=_REAP_BATCH)
             reaped += batch
             if len(batch) < _REAP_BATCH:
                 break
@@ -132,7 +124,7 @@ def reap(
     elif reaped:
         console.print(executions_table(reaped, title="reaped executions"))
     else:
-        console.print("No abandoned executions.")
+        console.print("No expired leases: nothing to reap.")
 
 
 @one_line_errors

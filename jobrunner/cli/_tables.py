@@ -119,6 +119,7 @@ def details(e: Execution) -> Table:
         ("status", Text.assemble(_status(e.status), f"  phase: {e.phase or '-'}")),
         ("attempt", f"{e.attempt} of {e.max_attempts}"),
         ("triggered by", Text(e.triggered_by)),
+        ("queue", Text(f"{e.queue}  (priority {e.priority})")),
         ("worker", Text(e.worker or "-")),
         ("created", _when(e.created_at) + " UTC"),
         ("started", _when(e.started_at)),
@@ -133,7 +134,8 @@ def details(e: Execution) -> Table:
         ("checkpoint", Text(json.dumps(e.result, default=json_default)) if e.checkpointed else "-"),
     ]
     optional = {
-        "next retry": _when(e.next_retry_at) if e.next_retry_at else None,
+        "due": _when(e.due_at) if e.status.value in ("pending", "retrying") else None,
+        "lease expires": _when(e.lease_expires_at) if e.status.value == "running" else None,
         "idempotency key": e.idempotency_key,
         "external id": e.external_id,
         "concurrency key": e.concurrency_key,

@@ -192,9 +192,7 @@ def run_scheduled(
     if job_cls.spec.async_phases:
         return asyncio.run(_fire_on_fresh_loop(url, job_cls, args, schedule_id))
     runner = _sync_runner(url)
-    execution_id = runner.submit(
-        job_cls, args, triggered_by=TRIGGERED_BY, external_id=schedule_id, due=False
-    )
+    execution_id = runner.submit(job_cls, args, triggered_by=TRIGGERED_BY, external_id=schedule_id)
     return _outcome(runner.run_execution(execution_id))
 
 
@@ -203,8 +201,9 @@ async def aclose_runners(grace: float | None = 30.0) -> None:
 
     Call it after ``scheduler.shutdown()`` (e.g. at the end of a FastAPI lifespan): fires
     still running get up to ``grace`` seconds (None: no limit) to record how they ended. Note that
-    ``AsyncIOScheduler.shutdown()`` cancels running fires (their executions end
-    ``abandoned``); ``pause()`` the scheduler and call this first to let them finish.
+    ``AsyncIOScheduler.shutdown()`` cancels running fires (their executions go back to
+    ``retrying``, due now, their attempt not counted, for a worker to finish);
+    ``pause()`` the scheduler and call this first to let them finish here.
     """
     loop = asyncio.get_running_loop()
     with _lock:
@@ -239,7 +238,7 @@ async def _fire_async(
 ) -> str:
     job_cls = runner.registry.resolve_row(job, handler)
     execution_id = await runner.submit(
-        job_cls, args, triggered_by=TRIGGERED_BY, external_id=schedule_id, due=False
+        job_cls, args, triggered_by=TRIGGERED_BY, external_id=schedule_id
     )
     return _outcome(await runner.run_execution(execution_id))
 

@@ -262,7 +262,6 @@ class CeleryJobs:
             idempotency_key=idempotency_key,
             triggered_by=triggered_by,
             external_id=task_id,
-            due=False,
         )
         if idempotency_key is not None and runner.get(execution_id).external_id != task_id:
             return execution_id  # submitted (and sent) before
@@ -291,13 +290,12 @@ class CeleryJobs:
                 (str(execution_id),), kwargs, task_id=task_id, countdown=countdown, **options
             )
         except Exception as exc:
-            due_at = utcnow() + dt.timedelta(seconds=countdown or 0)
             with self.runner.engine.begin() as conn:
-                q.mark_due(conn, execution_id, due_at)
+                q.mark_due(conn, execution_id, countdown or 0.0)
             raise EnqueueFailed(
                 f"execution {execution_id} is stored but its Celery message could not be "
-                f"sent ({type(exc).__name__}: {exc}); it is marked due at "
-                f"{due_at:%Y-%m-%d %H:%M:%S} UTC, so runner.run_due() will run it",
+                f"sent ({type(exc).__name__}: {exc}); it is due in {countdown or 0:g}s, so "
+                "a jobrunner worker (`jobrunner worker`) or runner.run_due() will run it",
                 execution_id,
             ) from exc
 
@@ -391,7 +389,6 @@ class CeleryJobs:
             idempotency_key=f"celery:{task_id}" if task_id else None,
             triggered_by="celery-beat",
             external_id=task_id,
-            due=False,
         )
 
     def _run(
@@ -425,8 +422,8 @@ class CeleryJobs:
             self._user_hook(execution)
 
     def _reschedule(self, execution: Execution, reply: dict[str, Any]) -> None:
-        """Send the execution again with a countdown until its ``next_retry_at``."""
-        due = execution.next_retry_at or utcnow()
+        """Send the execution again with a countdown until its ``due_at``."""
+        due = execution.due_at or utcnow()
         countdown = max(0.0, (due - utcnow()).total_seconds())
         task_id = str(uuid.uuid4())
         with self.runner.engine.begin() as conn:
@@ -440,7 +437,7 @@ class CeleryJobs:
 
     def _make_due(self, execution_id: uuid.UUID) -> None:
         with self.runner.engine.begin() as conn:
-            q.mark_due(conn, execution_id, utcnow())
+            q.mark_due(conn, execution_id)
 
     # -- worker lifecycle (signals) --------------------------------------------------------
 
