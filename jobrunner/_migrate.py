@@ -56,12 +56,29 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[Fal
     return False
 
 
+#: Indexes whose sort order SQLite's reflection drops (``priority DESC``): autogenerate
+#: would see a difference that is not there, so they are left out of comparisons there.
+_UNREFLECTABLE_ON_SQLITE = frozenset({"ix_jobrunner_executions_due"})
+
+
+def _include_object(dialect_name: str) -> Callable[..., bool]:
+    def include_object(
+        obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+    ) -> bool:
+        return not (
+            dialect_name == "sqlite" and type_ == "index" and name in _UNREFLECTABLE_ON_SQLITE
+        )
+
+    return include_object
+
+
 def context_options(dialect_name: str) -> dict[str, Any]:
     """Keyword arguments for ``context.configure`` that every jobrunner migration uses."""
     return {
         "target_metadata": metadata,
         "version_table": VERSION_TABLE,
         "include_name": include_name,
+        "include_object": _include_object(dialect_name),
         "render_item": render_item,
         "render_as_batch": dialect_name == "sqlite",
         "compare_type": True,
@@ -159,28 +176,50 @@ def _upgrade(
         adopt = _adoptable(conn)
         if owned:
             conn.commit()  # end the inspection's implicit transaction; Alembic runs its own
-        if adopt:
-            command.stamp(config, "head")
+        if adopt is not None:
+            command.stamp(config, adopt)
         command.upgrade(config, revision)
         if owned:
             conn.commit()
     return applied
 
 
-def _adoptable(conn: Connection) -> bool:
-    """True for tables made by ``create_schema()`` that already match the newest schema."""
-    tables = {name for name in inspect(conn).get_table_names() if name.startswith(TABLE_PREFIX)}
+#: Columns of ``jobrunner_executions`` as 0.1's ``create_schema()`` made them.
+_V01_COLUMNS = frozenset(
+    {
+        "id", "job", "handler", "args", "status", "phase", "attempt", "max_attempts",
+        "triggered_by", "external_id", "worker", "lease_token", "idempotency_key",
+        "concurrency_key", "cancel_requested", "created_at", "started_at", "finished_at",
+        "heartbeat_at", "next_retry_at", "load_ms", "execute_ms", "record_ms",
+        "max_loop_lag_ms", "checkpointed", "result", "error_type", "error_message",
+        "error_traceback",
+    }
+)  # fmt: skip
+
+
+def _adoptable(conn: Connection) -> str | None:
+    """The revision that tables made by ``create_schema()`` (no version row) are at.
+
+    Tables matching this version's schema are stamped at head; tables 0.1 created
+    are stamped at ``jobrunner_0001`` and then upgraded like any other.
+    """
+    found = inspect(conn)
+    tables = {name for name in found.get_table_names() if name.startswith(TABLE_PREFIX)}
     if not tables - {VERSION_TABLE} or current_revision(conn) is not None:
-        return False
+        return None
     differences = schema_differences(conn)
-    if differences:
-        raise ConfigurationError(
-            f"jobrunner tables exist ({', '.join(sorted(tables))}) but were not created by "
-            f"`jobrunner migrate` and differ from this version's schema "
-            f"({len(differences)} difference(s), first: {differences[0]!r}); "
-            "bring them up to date by hand or drop them, then migrate"
-        )
-    return True
+    if not differences:
+        return "head"
+    if "jobrunner_executions" in tables:
+        columns = {c["name"] for c in found.get_columns("jobrunner_executions")}
+        if columns == _V01_COLUMNS:
+            return "jobrunner_0001"
+    raise ConfigurationError(
+        f"jobrunner tables exist ({', '.join(sorted(tables))}) but were not created by "
+        f"`jobrunner migrate` and differ from this version's schema "
+        f"({len(differences)} difference(s), first: {differences[0]!r}); "
+        "bring them up to date by hand or drop them, then migrate"
+    )
 
 
 def _migration_context(conn: Connection, *, compare: bool = False) -> MigrationContext:

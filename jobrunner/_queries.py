@@ -696,7 +696,7 @@ def _reap_one(conn: Connection, row: Any) -> Execution | None:
             "number": row["attempt"],
             "status": ExecutionStatus.ABANDONED.value,
             "phase": phase,
-            "resumed_from": "record" if row["checkpointed"] else "load",
+            "resumed_from": "unknown",  # the row no longer says where this attempt began
             "worker": row["worker"],
             "triggered_by": row["triggered_by"],
             "started_at": row["heartbeat_at"] or row["started_at"] or now,

@@ -103,7 +103,7 @@ def test_kill_9_before_record_commits_runs_record_only(
     assert execution.succeeded and execution.attempt == 2
     assert len(_events(runner, "executed")) == 1  # execute's side effect happened once
     assert [e["attempt"] for e in _events(runner, "recorded")] == [2]  # attempt 1 rolled back
-    assert [a.resumed_from for a in runner.attempts(eid)] == ["load", "record"]
+    assert [a.resumed_from for a in runner.attempts(eid)] == ["unknown", "record"]
     assert runner.attempts(eid)[0].phase == "record"  # where it died
     checker.assert_ok()
 

@@ -16,7 +16,6 @@ from jobrunner import (
     AsyncJobRunner,
     ExecutionStatus,
     JobRunner,
-    JobTimedOut,
     PhasedJob,
     Registry,
     RetryPolicy,

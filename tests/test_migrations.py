@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import textwrap
 from collections.abc import Iterator
@@ -10,13 +11,17 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from alembic import command
-from alembic.autogenerate import compare_metadata
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 
 import jobrunner
 from jobrunner import ConfigurationError, JobRunner, Registry
-from jobrunner._migrate import VERSION_TABLE, alembic_config, head_revision, migration_sql
+from jobrunner._migrate import (
+    VERSION_TABLE,
+    alembic_config,
+    head_revision,
+    migration_sql,
+    schema_differences,
+)
 
 from ._services import scratch_database
 from .jobs import Greet
@@ -44,17 +49,7 @@ def _differences(url: str) -> list[object]:
     engine = _engine(url)
     try:
         with engine.connect() as conn:
-            context = MigrationContext.configure(
-                conn,
-                opts={
-                    "compare_type": True,
-                    "version_table": VERSION_TABLE,
-                    "include_name": lambda name, type_, _: (
-                        type_ != "table" or name.startswith("jobrunner_")
-                    ),
-                },
-            )
-            return list(compare_metadata(context, jobrunner.metadata))
+            return schema_differences(conn)
     finally:
         engine.dispose()
 
@@ -81,7 +76,8 @@ def test_migrate_builds_the_models_schema_exactly(empty_url: str) -> None:
     """After migrate, Alembic autogenerate finds no difference from jobrunner.metadata."""
     steps: list[tuple[str, str]] = []
     applied = jobrunner.migrate(empty_url, on_step=lambda rev, doc: steps.append((rev, doc)))
-    assert applied == [head_revision()] == [rev for rev, _ in steps]
+    assert applied == ["jobrunner_0001", "jobrunner_0002"] == [rev for rev, _ in steps]
+    assert applied[-1] == head_revision()
     assert _tables(empty_url) >= {*JOBRUNNER_TABLES, VERSION_TABLE}
     assert _differences(empty_url) == []
     assert _version(empty_url) == [head_revision()]
@@ -140,7 +136,7 @@ def test_migrate_accepts_an_engine_and_downgrades_to_nothing(empty_url: str) -> 
     """migrate(engine) works, and the revision's downgrade drops every jobrunner table."""
     engine = _engine(empty_url)
     try:
-        assert jobrunner.migrate(engine) == [head_revision()]
+        assert jobrunner.migrate(engine)[-1] == head_revision()
         config = alembic_config()
         with engine.connect() as conn:
             config.attributes["connection"] = conn
@@ -225,3 +221,74 @@ def test_the_migrations_page_python_blocks_run(
         exec(compile(block, str(MIGRATIONS_PAGE), "exec"), {})
     assert head_revision() in capsys.readouterr().out
     assert _version(f"sqlite:///{tmp_path / 'jobrunner.db'}") == [head_revision()]
+
+
+def _fill_like_0_1(url: str) -> dict[str, str]:
+    """Rows as jobrunner 0.1 wrote them, in every status it left behind; id by role."""
+    import uuid as uuid_mod
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    roles = {
+        "celery_pending": ("pending", None, 0, 1, False),
+        "due_pending": ("pending", now - timedelta(seconds=5), 0, 1, False),
+        "stuck_cancel": ("retrying", now - timedelta(seconds=5), 1, 3, True),
+        "abandoned_left": ("abandoned", None, 1, 3, False),
+        "abandoned_last": ("abandoned", None, 1, 1, False),
+        "running": ("running", None, 1, 1, False),
+        "done": ("succeeded", None, 1, 1, False),
+    }
+    ids = {role: str(uuid_mod.uuid4()) for role in roles}
+    engine = _engine(url)
+    with engine.begin() as conn:
+        for role, (status, due, attempt, max_attempts, cancel) in roles.items():
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobrunner_executions (id, job, handler, args, status, attempt, "
+                    "max_attempts, triggered_by, lease_token, cancel_requested, created_at, "
+                    "heartbeat_at, next_retry_at, checkpointed) VALUES (:id, 'tests.greet', "
+                    "'tests.jobs:Greet', :args, :status, :attempt, :max, 'api', :attempt, "
+                    ":cancel, :created, :beat, :due, :done)"
+                ),
+                {"id": ids[role] if url.startswith("postgres") else ids[role].replace("-", ""),
+                 "args": json.dumps({"who": role}), "status": status, "attempt": attempt,
+                 "max": max_attempts, "cancel": cancel, "created": now - timedelta(minutes=1),
+                 "beat": now if status == "running" else None, "due": due,
+                 "done": status == "succeeded"},
+            )
+    engine.dispose()
+    return ids
+
+
+def test_upgrading_a_database_0_1_created_and_filled(empty_url: str) -> None:
+    """0.1's schema and rows, upgraded: every row lands where v2 can move it."""
+    from .jobs import Greet
+
+    assert jobrunner.migrate(empty_url, revision="jobrunner_0001") == ["jobrunner_0001"]
+    ids = _fill_like_0_1(empty_url)
+    assert jobrunner.migrate(empty_url) == ["jobrunner_0002"]
+    assert _differences(empty_url) == []
+    registry = Registry()
+    registry.register(Greet)
+    with JobRunner(empty_url, registry=registry) as runner:
+        got = {role: runner.get(eid) for role, eid in ids.items()}
+        assert got["celery_pending"].due_at is not None  # visible to workers at last
+        assert got["stuck_cancel"].status.value == "cancelled"
+        assert got["abandoned_left"].status.value == "retrying"
+        assert got["abandoned_last"].status.value == "failed"
+        assert got["running"].lease_expires_at is not None
+        assert got["done"].queue == "default" and got["done"].priority == 0
+        ran = {e.id for e in runner.run_due()}
+        assert {str(i) for i in ran} == {ids["celery_pending"], ids["due_pending"],
+                                        ids["abandoned_left"]}
+
+
+def test_tables_0_1_s_create_schema_made_are_adopted_and_upgraded(empty_url: str) -> None:
+    """0.1's create_schema() tables (no version row) are stamped at 0001, then upgraded."""
+    jobrunner.migrate(empty_url, revision="jobrunner_0001")
+    engine = _engine(empty_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {VERSION_TABLE}"))
+    engine.dispose()
+    assert jobrunner.migrate(empty_url) == ["jobrunner_0001", "jobrunner_0002"]
+    assert _differences(empty_url) == []

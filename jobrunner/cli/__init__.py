@@ -23,6 +23,7 @@ from ._output import console, emit_json, err_console, execution_json
 from ._parse import IdArgument, JsonOption, parse_window
 from ._read import attempts, jobs, list_, show, stats
 from ._tables import attempts_table, executions_table
+from ._worker import worker
 
 __all__ = [
     "BadInput",
@@ -50,6 +51,7 @@ __all__ = [
     "run",
     "show",
     "stats",
+    "worker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ for _command in (
     prune,
     reap,
     run,
+    worker,
     check,
     migrate,
     demo,

@@ -31,13 +31,14 @@ _REAP_BATCH = 100
 
 @one_line_errors
 def retry(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = False) -> None:
-    """Put a failed, timed-out, cancelled or abandoned execution back to pending."""
+    """Put a failed, timed-out or cancelled execution back to pending, due now."""
     with open_runner(ctx) as runner:
         execution = runner.retry(parse_execution_id(runner, execution_id), triggered_by="cli")
+    resumes = " (resuming at record: execute already ran)" if execution.checkpointed else ""
     print_execution(
         execution,
         f"Execution {execution.id} of {execution.job} is pending again "
-        f"(up to attempt {execution.max_attempts}); a worker will pick it up.",
+        f"(up to attempt {execution.max_attempts}){resumes}; `jobrunner worker` runs it.",
         as_json,
     )
 

@@ -16,7 +16,6 @@ Create Date: 2026-11-27
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from alembic import op
@@ -28,25 +27,19 @@ depends_on: str | Sequence[str] | None = None
 
 TABLE = "jobrunner_executions"
 #: 0.1's lease: three of its default 10 s heartbeat intervals.
-OLD_LEASE = timedelta(seconds=30)
+OLD_LEASE_S = 30
 
 
 def _rows() -> sa.TableClause:
-    from jobrunner._schema import UTCDateTime
-
     return sa.table(
         TABLE,
-        sa.column("id", sa.Uuid()),
         sa.column("status", sa.String()),
         sa.column("attempt", sa.Integer()),
         sa.column("max_attempts", sa.Integer()),
         sa.column("cancel_requested", sa.Boolean()),
-        sa.column("created_at", UTCDateTime()),
-        sa.column("started_at", UTCDateTime()),
-        sa.column("finished_at", UTCDateTime()),
-        sa.column("heartbeat_at", UTCDateTime()),
-        sa.column("due_at", UTCDateTime()),
-        sa.column("lease_expires_at", UTCDateTime()),
+        sa.column("created_at", sa.DateTime()),
+        sa.column("finished_at", sa.DateTime()),
+        sa.column("due_at", sa.DateTime()),
     )
 
 
@@ -57,8 +50,9 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("priority", sa.Integer(), server_default="0", nullable=False))
         batch.add_column(sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True))
-        batch.alter_column("next_retry_at", new_column_name="due_at")
         batch.drop_index("ix_jobrunner_executions_status_next_retry")
+    # The same statement on PostgreSQL and SQLite (3.25+), without recreating the table.
+    op.execute(f"ALTER TABLE {TABLE} RENAME COLUMN next_retry_at TO due_at")
     _carry_rows_over()
     op.create_index(
         "ix_jobrunner_executions_due",
@@ -77,46 +71,43 @@ def upgrade() -> None:
 
 
 def _carry_rows_over() -> None:
-    rows, conn, now = _rows(), op.get_bind(), datetime.now(UTC)
+    """Plain statements (they also render for ``migrate --sql``), times from the database."""
+    from jobrunner._clock import db_now
+
+    rows = _rows()
     c = rows.c
     waiting = c.status.in_(["pending", "retrying"])
-    conn.execute(
-        sa.update(rows)
-        .where(waiting, c.cancel_requested.is_(True))
-        .values(status="cancelled", finished_at=now, due_at=None)
-    )
-    conn.execute(sa.update(rows).where(waiting, c.due_at.is_(None)).values(due_at=c.created_at))
     abandoned = c.status == "abandoned"
-    conn.execute(
+    now = db_now()
+    op.execute(
         sa.update(rows)
-        .where(abandoned, c.cancel_requested.is_(True))
-        .values(status="cancelled", finished_at=now, due_at=None)
+        .where(sa.or_(waiting, abandoned), c.cancel_requested == sa.true())
+        .values(status="cancelled", finished_at=now)
     )
-    conn.execute(
+    op.execute(sa.update(rows).where(waiting, c.due_at.is_(None)).values(due_at=c.created_at))
+    op.execute(
         sa.update(rows)
         .where(abandoned, c.attempt < c.max_attempts)
         .values(status="retrying", due_at=now, finished_at=None)
     )
-    conn.execute(
-        sa.update(rows).where(abandoned).values(status="failed", finished_at=now, due_at=None)
+    op.execute(sa.update(rows).where(abandoned).values(status="failed", finished_at=now))
+    since = "COALESCE(heartbeat_at, started_at, created_at)"
+    lease = (
+        f"{since} + interval '{OLD_LEASE_S} seconds'"
+        if op.get_context().dialect.name == "postgresql"
+        else f"strftime('%Y-%m-%d %H:%M:%f', {since}, '+{OLD_LEASE_S} seconds') || '000'"
     )
-    running = conn.execute(
-        sa.select(c.id, c.heartbeat_at, c.started_at, c.created_at).where(c.status == "running")
-    ).all()
-    for execution_id, beat, started, created in running:
-        conn.execute(
-            sa.update(rows)
-            .where(c.id == execution_id)
-            .values(lease_expires_at=(beat or started or created) + OLD_LEASE)
-        )
+    op.execute(f"UPDATE {TABLE} SET lease_expires_at = {lease} WHERE status = 'running'")
 
 
 def downgrade() -> None:
     op.drop_index("ix_jobrunner_executions_lease", table_name=TABLE)
     op.drop_index("ix_jobrunner_executions_due", table_name=TABLE)
     with op.batch_alter_table(TABLE) as batch:
-        batch.alter_column("due_at", new_column_name="next_retry_at")
         batch.drop_column("lease_expires_at")
         batch.drop_column("priority")
         batch.drop_column("queue")
-        batch.create_index("ix_jobrunner_executions_status_next_retry", ["status", "next_retry_at"])
+    op.execute(f"ALTER TABLE {TABLE} RENAME COLUMN due_at TO next_retry_at")
+    op.create_index(
+        "ix_jobrunner_executions_status_next_retry", TABLE, ["status", "next_retry_at"]
+    )
