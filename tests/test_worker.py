@@ -236,9 +236,8 @@ def test_queues_and_priorities(runner: JobRunner) -> None:
 
 def test_the_worker_reaps_and_reruns_a_dead_worker_s_execution(runner: JobRunner) -> None:
     """An execution left running by a dead worker is reaped by a working one and rerun."""
-    from jobrunner import _queries as q
-
     from jobrunner import RetryPolicy
+    from jobrunner import _queries as q
     from jobrunner._attempt import utcnow
 
     class Survives(PhasedJob):
