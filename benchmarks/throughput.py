@@ -3,7 +3,8 @@
 In one run, on one scratch database: the floor (jobrunner's three transactions by hand with
 raw asyncpg, 1- and 8-way), naive SQLAlchemy ``AsyncSession`` code with the same three
 transactions, ``AsyncJobRunner`` (sequential, 8 concurrent; with and without load/record
-phases; default pool), ``JobRunner`` (sequential, psycopg), procrastinate (one worker,
+phases; default pool), the worker end to end (submit N, then ``work(until_idle=True)``
+with 8 slots, on both runners), ``JobRunner`` (sequential, psycopg), procrastinate (one worker,
 concurrency 8) and Celery (prefork worker, concurrency 2, Redis broker, SQLAlchemy database
 result backend on PostgreSQL). ``--profile`` also profiles ``AsyncJobRunner`` with pyinstrument.
 """
@@ -47,6 +48,7 @@ def run(bench: Bench) -> None:
         create_schema(url)
         floors = asyncio.run(_async_systems(bench, url, n))
         _sync_runner(bench, url, n, floors[1])
+        _sync_worker(bench, url, n, floors[CONCURRENCY])
         _celery(bench, url, n, floors[CONCURRENCY])
         counts = asyncio.run(_statement_counts(url))
         if bench.options.profile:
@@ -54,7 +56,13 @@ def run(bench: Bench) -> None:
     _notes(bench, counts)
     bench.table(
         f"throughput: {n:,} no-op executions, PostgreSQL",
-        {"cpu_ms": "client CPU ms/exec", "pool_size": "pool_size", "connects": "new conns"},
+        {
+            "cpu_ms": "client CPU ms/exec",
+            "submit_per_s": "submit/s",
+            "drain_per_s": "drain/s",
+            "pool_size": "pool_size",
+            "connects": "new conns",
+        },
     )
 
 
@@ -95,6 +103,14 @@ async def _async_systems(bench: Bench, url: sa.URL, n: int) -> dict[int, Measure
             repeat=repeat,
         )
     await bench.ameasure(
+        system="AsyncJobRunner worker",
+        variant="submit N, work(until_idle)",
+        n=n,
+        concurrency=CONCURRENCY,
+        fn=lambda: _async_worker(url, n),
+        ratio_to=floor,
+    )
+    await bench.ameasure(
         system="procrastinate",
         variant="1 worker, deferred first",
         n=n,
@@ -129,6 +145,68 @@ async def _async_runner(
         return Sample(seconds=sample.seconds, extra=extra)
     finally:
         await runner.aclose()
+
+
+async def _async_worker(url: sa.URL, n: int) -> Sample:
+    """End to end: submit ``n`` one by one, then drain them with the worker, 8 slots.
+
+    The rate is n / (submit + drain); ``submit_per_s`` and ``drain_per_s`` split it.
+    """
+    truncate(url)
+    runner = AsyncJobRunner(
+        url.set(drivername="postgresql+asyncpg"),
+        registry=Registry([AsyncNoop]),
+        pool_size=CONCURRENCY + 2,
+    )
+    try:
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            await runner.submit(AsyncNoop)
+        submitted = time.perf_counter()
+        await runner.work(concurrency=CONCURRENCY, until_idle=True)
+        done = time.perf_counter()
+        extra = {
+            "cpu_ms": cpu_ms(cpu, n),
+            "submit_per_s": round(n / (submitted - start)),
+            "drain_per_s": round(n / (done - submitted)),
+        }
+        return Sample(seconds=done - start, extra=extra)
+    finally:
+        await runner.aclose()
+
+
+def _sync_worker(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:
+    def once() -> Sample:
+        truncate(url)
+        runner = JobRunner(
+            url.set(drivername="postgresql+psycopg"),
+            registry=Registry([SyncNoop]),
+            pool_size=CONCURRENCY + 2,
+        )
+        try:
+            cpu, start = time.process_time(), time.perf_counter()
+            for _ in range(n):
+                runner.submit(SyncNoop)
+            submitted = time.perf_counter()
+            runner.work(concurrency=CONCURRENCY, until_idle=True)
+            done = time.perf_counter()
+            extra = {
+                "cpu_ms": cpu_ms(cpu, n),
+                "submit_per_s": round(n / (submitted - start)),
+                "drain_per_s": round(n / (done - submitted)),
+            }
+            return Sample(seconds=done - start, extra=extra)
+        finally:
+            runner.close()
+
+    bench.measure(
+        system="JobRunner worker (psycopg)",
+        variant="submit N, work(until_idle), threads",
+        n=n,
+        concurrency=CONCURRENCY,
+        fn=once,
+        ratio_to=floor,
+    )
 
 
 def _sync_runner(bench: Bench, url: sa.URL, n: int, floor: Measurement) -> None:

@@ -134,7 +134,6 @@ class AsyncJobRunner(_RunnerBase):
             self.engine, self.url, self._sync_phases, self._pool, self._autocommit_engine
         )
         self._heartbeat = AsyncHeartbeat(self._inflight, self._phases.tx, self._heartbeat_interval)
-        self._worker: AsyncWorker | None = None
         if monitor_loop or strict_loop:
             self._phases.health = LoopHealth(threshold_ms=loop_lag_threshold_ms, strict=strict_loop)
         self.loop_monitor: LoopMonitor | None = None
@@ -269,21 +268,16 @@ class AsyncJobRunner(_RunnerBase):
     ) -> None:
         """Run executions as they come due, ``concurrency`` at a time (see JobRunner.work)."""
         await self._work(
-            WorkOptions(
+            self._work_options(
                 concurrency=concurrency,
                 queues=queues,
                 until_idle=until_idle,
                 poll_interval=poll_interval,
                 grace_period=grace_period,
-                reap_interval=reap_interval or self._heartbeat_interval,
+                reap_interval=reap_interval,
                 handle_signals=handle_signals,
             )
         )
-
-    def stop_work(self) -> None:
-        """Ask a running :meth:`work` loop to stop gracefully (safe from any thread)."""
-        if self._worker is not None:
-            self._worker.stop()
 
     async def _work(self, options: WorkOptions) -> builtins.list[Execution]:
         if self._worker is not None:

@@ -28,6 +28,7 @@ from ._lifecycle import RETRYABLE_BY_HAND, WAITING
 from ._records import Execution
 from ._registry import JobRef, Registry, default_registry
 from ._schema import TERMINAL_STATUSES, ExecutionStatus
+from ._worker import AsyncWorker, SyncWorker, WorkOptions
 
 logger = logging.getLogger("jobrunner")
 
@@ -121,6 +122,7 @@ class _RunnerBase:
         self._max_threads = max_threads
         self._inflight = InFlight()
         self._wakers: set[Callable[[], None]] = set()
+        self._worker: SyncWorker | AsyncWorker | None = None
 
     def _submission(
         self,
@@ -148,6 +150,16 @@ class _RunnerBase:
             priority=_priority(priority),
         )
         return job_cls, row
+
+    def stop_work(self) -> None:
+        """Ask a running ``work()`` loop to stop gracefully (safe from any thread)."""
+        worker = self._worker
+        if worker is not None:
+            worker.stop()
+
+    def _work_options(self, *, reap_interval: float | None, **options: Any) -> WorkOptions:
+        """``work()``'s settings, checked; reaping every heartbeat interval by default."""
+        return WorkOptions(reap_interval=reap_interval or self._heartbeat_interval, **options)
 
     def _submitted(self) -> None:
         """New work was committed: wake this process's own idle workers at once."""

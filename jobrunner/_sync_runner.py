@@ -113,7 +113,6 @@ class JobRunner(_RunnerBase):
         self._pool = DaemonPool(self._max_threads, name="jobrunner-sync")
         self._phases = SyncPhases(self.engine, self.url, self._autocommit_engine, self._pool)
         self._heartbeat = SyncHeartbeat(self._inflight, self._phases.tx, self._heartbeat_interval)
-        self._worker: SyncWorker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -257,21 +256,16 @@ class JobRunner(_RunnerBase):
         returns once nothing is due and nothing runs.
         """
         self._work(
-            WorkOptions(
+            self._work_options(
                 concurrency=concurrency,
                 queues=queues,
                 until_idle=until_idle,
                 poll_interval=poll_interval,
                 grace_period=grace_period,
-                reap_interval=reap_interval or self._heartbeat_interval,
+                reap_interval=reap_interval,
                 handle_signals=handle_signals,
             )
         )
-
-    def stop_work(self) -> None:
-        """Ask a running :meth:`work` loop to stop gracefully (safe from any thread)."""
-        if self._worker is not None:
-            self._worker.stop()
 
     def _work(self, options: WorkOptions) -> builtins.list[Execution]:
         if self._worker is not None:

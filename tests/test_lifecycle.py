@@ -628,3 +628,11 @@ def test_every_fenced_write_in_queries_comes_from_the_table() -> None:
         if t.fenced and t.event is not Event.RUN_INLINE:
             assert t.sources == (RUNNING,), t
     assert "| `pending`, `retrying` | claim | `running` |" in markdown_table()
+
+
+def test_the_statuses_page_shows_the_transition_table_as_the_code_has_it() -> None:
+    """docs/concepts/statuses.md carries markdown_table() verbatim: docs and code agree."""
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "concepts" / "statuses.md"
+    assert markdown_table() in page.read_text()
