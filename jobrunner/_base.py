@@ -151,11 +151,15 @@ class _RunnerBase:
         )
         return job_cls, row
 
-    def stop_work(self) -> None:
-        """Ask a running ``work()`` loop to stop gracefully (safe from any thread)."""
+    def stop_work(self, *, now: bool = False) -> None:
+        """Ask a running ``work()`` loop to stop (safe from any thread, or a signal handler).
+
+        It claims nothing new and lets what runs finish within its grace period; with
+        ``now``, it stops what runs at once (as a second SIGTERM does).
+        """
         worker = self._worker
         if worker is not None:
-            worker.stop()
+            worker.stop(now)
 
     def _work_options(self, *, reap_interval: float | None, **options: Any) -> WorkOptions:
         """``work()``'s settings, checked; reaping every heartbeat interval by default."""

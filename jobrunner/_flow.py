@@ -103,6 +103,14 @@ Request = Claim | Load | Execute | Checkpoint | Record | End | Sleep | Fetch
 _NOTHING: Any = object()
 
 
+class Abandoned(BaseException):
+    """A worker shutting down for good stopped waiting for an attempt's thread.
+
+    Nothing is written (the thread may still be running execute): the lease expires
+    when the process is gone, and the reaper takes the execution back.
+    """
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Executed:
     """What execute produced: its JSON result (if it returned), and an error to raise
@@ -141,8 +149,8 @@ def drive(state: AttemptState, running: Running, settings: Settings) -> Flow:
         try:
             execution = yield from _attempt(state, running)
         except BaseException as exc:
-            if isinstance(exc, WrongEventLoop):
-                raise  # the caller's bug, not the job's failure; nothing can be written
+            if isinstance(exc, WrongEventLoop | Abandoned):
+                raise  # the caller's bug, or a thread left behind: nothing may be written
             state.capture(exc)
             outcome = after_failure(_failure(state, running, exc))
             ended = yield from _end(state, outcome, settings)

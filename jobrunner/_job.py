@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import functools
 import inspect
 import threading
 from collections.abc import Callable, Mapping
@@ -50,6 +52,8 @@ class JobContext:
     attempt: int
     session_scope: Callable[[], SessionScope]
     cancel_event: threading.Event
+    #: The runner's own thread pool (``to_thread`` uses it, not the loop's default).
+    pool: concurrent.futures.Executor | None = None
 
 
 def _check_positive(cls: type, attr: str) -> None:
@@ -200,8 +204,17 @@ class PhasedJob:
         return self._require_context().cancel_event.is_set()
 
     async def to_thread(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run blocking ``fn`` in a worker thread so the event loop keeps serving."""
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        """Run blocking ``fn`` in a worker thread so the event loop keeps serving.
+
+        The thread comes from the runner's own bounded pool (context variables copied),
+        so stuck calls never crowd the loop's default executor; outside a runner it is
+        ``asyncio.to_thread``.
+        """
+        pool = self._context.pool if self._context is not None else None
+        if pool is None:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     def _require_context(self) -> JobContext:
         if self._context is None:

@@ -79,7 +79,7 @@ TRANSITIONS: tuple[Transition, ...] = (
         sources=(),
         event=Event.SUBMIT,
         target=PENDING,
-        guard="due_at = db_now (or run_at); idempotency key unused",
+        guard="due_at = db_now; the idempotency key, if any, is unused",
     ),
     Transition(
         sources=(),

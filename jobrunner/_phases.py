@@ -26,7 +26,7 @@ from . import _queries as q
 from ._attempt import AttemptState, Phase
 from ._errors_db import framework_sql
 from ._exceptions import ExecutionCancelled, JobTimedOut, LeaseLost
-from ._flow import End, Executed
+from ._flow import Abandoned, End, Executed
 from ._inflight import Running
 from ._job import JobContext, PhasedJob
 from ._lifecycle import Outcome
@@ -84,7 +84,10 @@ def _overran(state: AttemptState, running: Running, seconds: float) -> JobTimedO
 
 
 def make_job(
-    state: AttemptState, scope: Callable[[], SessionScope], cancel_event: threading.Event
+    state: AttemptState,
+    scope: Callable[[], SessionScope],
+    cancel_event: threading.Event,
+    pool: DaemonPool | None = None,
 ) -> PhasedJob:
     """A fresh job instance for one attempt, wired to its context."""
     job = state.job_cls()
@@ -93,6 +96,7 @@ def make_job(
         attempt=state.number,
         session_scope=scope,
         cancel_event=cancel_event,
+        pool=pool,
     )
     return job
 
@@ -333,6 +337,8 @@ class AsyncPhases:
         self._sync_phases = sync_phases
         self.pool = pool
         self.health: LoopHealth | None = None
+        #: Set by a worker shutting down for good: stop waiting for stuck threads.
+        self.abandon = asyncio.Event()
 
     @contextlib.asynccontextmanager
     async def tx(
@@ -373,7 +379,9 @@ class AsyncPhases:
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run sync ``fn`` in the runner's pool; a cancel waits for the thread first."""
         future = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-        result, error = await _outlive(future)
+        result, error, held = await _outlive(future, self.abandon)
+        if held is not None:
+            raise held  # the caller stopped us: that is what ends the attempt
         if error is not None:
             raise error
         return result
@@ -497,7 +505,8 @@ class AsyncPhases:
             stop = exc
         if stop is None:
             return Executed(state.job_cls.dump_result(future.result()))
-        result, error = await _outlive(future)
+        result, error, held = await _outlive(future, self.abandon)
+        stop = held or stop  # a cancel of the caller wins over the timeout
         if error is not None:
             raise stop from error
         return Executed(state.job_cls.dump_result(result), stop)
@@ -546,24 +555,32 @@ class AsyncPhases:
             return await conn.run_sync(lambda c: q.end_attempt(c, state.lease, **args))
 
 
-async def _outlive(future: asyncio.Future[Any]) -> tuple[Any, BaseException | None]:
-    """Wait for a thread's future whatever happens; (result, error).
+async def _outlive(
+    future: asyncio.Future[Any], abandon: asyncio.Event
+) -> tuple[Any, BaseException | None, asyncio.CancelledError | None]:
+    """Wait for a thread's future whatever happens: (result, its error, a held-back cancel).
 
-    A thread cannot be stopped, so neither can this wait: cancels of the caller are
-    held back until the thread returns, then the first of them is the error.
+    A thread cannot be stopped, so neither can this wait: cancels of the caller are held
+    back until the thread returns. Only a worker shutting down for good (``abandon``,
+    after its grace period) stops waiting: :class:`Abandoned` then leaves the execution
+    as it is, its lease to expire and the reaper to take it.
     """
-    cancelled: asyncio.CancelledError | None = None
-    while True:
-        try:
-            result = await asyncio.shield(future)
-        except asyncio.CancelledError as exc:
-            if not future.done():
-                cancelled = cancelled or exc
-                continue
-            return None, cancelled or exc
-        except BaseException as exc:
-            return None, cancelled or exc
-        return result, cancelled
+    held: asyncio.CancelledError | None = None
+    gone = asyncio.ensure_future(abandon.wait())
+    try:
+        while not future.done():
+            if abandon.is_set():
+                raise Abandoned("the worker stopped waiting for this thread at shutdown")
+            try:
+                await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError as exc:
+                held = held or exc
+    finally:
+        gone.cancel()
+    if future.cancelled():
+        return None, asyncio.CancelledError(), held
+    error = future.exception()
+    return (future.result() if error is None else None), error, held
 
 
 class _AsyncIO:

@@ -489,7 +489,7 @@ class JobRunner(_RunnerBase):
     def _job(self, state: AttemptState, running: Running) -> PhasedJob:
         """The job instance of the current attempt (one per attempt)."""
         if running.job is None or running.job_attempt != state.number:
-            running.job = make_job(state, self._scope, running.cancel_event)
+            running.job = make_job(state, self._scope, running.cancel_event, self._pool)
             running.job_attempt = state.number
         job: PhasedJob = running.job
         return job

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _queries as q
 from ._exceptions import ConfigurationError, JobRunnerError
+from ._flow import Abandoned
 from ._threads import DaemonPool
 
 if TYPE_CHECKING:
@@ -291,6 +292,12 @@ class SyncWorker:
             self._wake.wait(min(left, 0.5))
         for running in self.runner._inflight.all():
             running.cancel_event.set()
+        settle = time.monotonic() + _SETTLE  # cooperative code stops when asked: let it
+        while self._running and time.monotonic() < settle:
+            self._wake.clear()
+            self._wake.wait(0.1)
+        if not self._running:
+            return
         logger.warning(
             "worker %s: %d execution(s) still running in threads after the grace period; "
             "they were asked to stop (self.cancelled()), and if this process exits first "
@@ -367,6 +374,7 @@ class AsyncWorker:
     async def run(self) -> list[Execution]:
         """Run the loop until stopped or done; the executions it ran, as they ended."""
         runner, options = self.runner, self.options
+        runner._phases.abandon.clear()
         runner._wakers.add(self.wake)
         listener = (
             await _AsyncListener.start(runner, self.wake, options.queues)
@@ -436,8 +444,8 @@ class AsyncWorker:
     async def _run_one(self, state: AttemptState) -> None:
         try:
             self._results.append(await self.runner._drive(state, worker=True))
-        except asyncio.CancelledError:
-            pass  # shutdown after the grace period: the ending is written
+        except (asyncio.CancelledError, Abandoned):
+            pass  # shutdown after the grace period: written, or left to the reaper
         except Exception:
             logger.exception("worker: execution %s stopped with an error", state.execution_id)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: the worker stops too
@@ -449,20 +457,42 @@ class AsyncWorker:
         self._wake.set()
 
     async def _drain(self) -> None:
-        if self._tasks and not self._hard:
-            await asyncio.wait(set(self._tasks), timeout=self.options.grace_period)
-        if not self._tasks:
-            return
+        """Let what runs finish within the grace period (at once on a hard stop)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.grace_period
+        while self._tasks and not self._hard and loop.time() < deadline:
+            self._wake.clear()
+            woken = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait(
+                {*self._tasks, woken},
+                timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            woken.cancel()
+        if self._tasks:
+            await self._stop_the_rest()
+
+    async def _stop_the_rest(self) -> None:
+        """Past the grace period: cancel async work, then let go of stuck threads."""
         logger.warning(
-            "worker %s: %d execution(s) still running after the grace period; cancelling "
-            "them (they end retrying, the attempt not counted)",
+            "worker %s: %d execution(s) still running after the grace period; stopping "
+            "them (async ones end retrying, their attempt not counted; sync threads "
+            "cannot be stopped and are left to the reaper)",
             self.runner.worker_id,
             len(self._tasks),
         )
+        for running in self.runner._inflight.all():
+            running.cancel_event.set()
         for task in self._tasks:
             task.cancel()
-        # Sync executes in threads are waited for by their attempt: give them a moment.
-        await asyncio.wait(set(self._tasks), timeout=max(1.0, min(5.0, self.options.grace_period)))
+        await asyncio.wait(set(self._tasks), timeout=_SETTLE)
+        if self._tasks:  # waiting for threads that will not return in time
+            self.runner._phases.abandon.set()
+            await asyncio.wait(set(self._tasks), timeout=_SETTLE)
+
+
+#: How long stopped executions get to write how they ended, after the grace period.
+_SETTLE = 2.0
 
 
 class _AsyncListener:

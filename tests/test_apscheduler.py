@@ -107,13 +107,16 @@ RELEASE = threading.Event()
 
 
 class SyncHang(PhasedJob):
-    """A sync execute stuck until the test releases it; its timeout abandons the thread."""
+    """A sync execute stuck until its timeout asks it to stop (self.cancelled()); the
+    attempt waits for its thread, so it ends only when the code does."""
 
     name = "tests.aps.sync_hang"
     timeout = 0.3
 
     def execute(self, loaded: Any) -> None:
-        RELEASE.wait(10)
+        while not self.cancelled() and not RELEASE.is_set():
+            RELEASE.wait(0.01)
+        raise RuntimeError("gave up when asked")
 
 
 # -- helpers ----------------------------------------------------------------------------------

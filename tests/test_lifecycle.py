@@ -636,3 +636,29 @@ def test_the_statuses_page_shows_the_transition_table_as_the_code_has_it() -> No
 
     page = Path(__file__).resolve().parents[1] / "docs" / "concepts" / "statuses.md"
     assert markdown_table() in page.read_text()
+
+
+async def test_a_caller_cancelling_twice_still_gets_the_late_result_checkpointed(
+    arunner: AsyncJobRunner,
+) -> None:
+    """Cancel run() twice while its sync execute runs: the thread's result is kept."""
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(PhasedJob):
+        def execute(self, loaded: Any) -> str:
+            started.set()
+            release.wait(30)
+            return "finished in the end"
+
+    run = asyncio.create_task(arunner.run(Slow))
+    await asyncio.to_thread(started.wait, 30)
+    run.cancel()
+    await asyncio.sleep(0.05)
+    run.cancel()
+    await asyncio.sleep(0.05)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    [execution] = await arunner.list()
+    assert execution.status is ExecutionStatus.RETRYING  # interrupted, not counted
+    assert execution.checkpointed and execution.result == "finished in the end"

@@ -284,3 +284,61 @@ def test_stop_work_from_another_thread_returns_promptly(backend: Backend) -> Non
 
 if os.name != "posix":  # pragma: no cover
     pytest.skip("signals and kill -9 are POSIX", allow_module_level=True)
+
+
+async def test_a_hard_stop_interrupts_async_work_at_once(backend: Backend) -> None:
+    """stop_work(now=True) (a second SIGTERM) cancels async executions without grace."""
+    started = asyncio.Event()
+
+    class Sleeps(PhasedJob):
+        name = "workers.sleeps"
+
+        async def execute(self, loaded: Any) -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+    registry = Registry()
+    registry.register(Sleeps)
+    runner = AsyncJobRunner(backend.url, registry=registry)
+    try:
+        eid = await runner.submit(Sleeps)
+        working = asyncio.create_task(runner.work(grace_period=600))
+        await asyncio.wait_for(started.wait(), 30)
+        runner.stop_work()  # graceful: it would wait up to 600 s
+        runner.stop_work(now=True)  # the second signal: stop now
+        await asyncio.wait_for(working, 30)
+        execution = await runner.get(eid)
+        assert execution.status is ExecutionStatus.RETRYING and execution.max_attempts == 2
+    finally:
+        await runner.aclose()
+
+
+async def test_after_the_grace_period_a_stuck_thread_is_left_to_the_reaper(
+    backend: Backend,
+) -> None:
+    """A sync execute that ignores every request to stop: work() still returns; the row
+    keeps its lease (nothing half-written) for the reaper once this process is gone."""
+    started, release = threading.Event(), threading.Event()
+
+    class Stubborn(PhasedJob):
+        name = "workers.stubborn"
+
+        def execute(self, loaded: Any) -> None:
+            started.set()
+            release.wait(60)
+
+    registry = Registry()
+    registry.register(Stubborn)
+    runner = AsyncJobRunner(backend.url, registry=registry)
+    try:
+        eid = await runner.submit(Stubborn)
+        working = asyncio.create_task(runner.work(grace_period=0.2))
+        await asyncio.to_thread(started.wait, 30)
+        runner.stop_work()
+        await asyncio.wait_for(working, 30)
+        execution = await runner.get(eid)
+        assert execution.status is ExecutionStatus.RUNNING
+        assert execution.lease_expires_at is not None
+    finally:
+        release.set()
+        await runner.aclose()

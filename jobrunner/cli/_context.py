@@ -132,11 +132,15 @@ def resolve_url(ctx: typer.Context) -> str:
     return str(database_url(settings(ctx).url))
 
 
-def engine_options(url: str) -> dict[str, Any]:
-    """Fail fast instead of hanging on an unreachable PostgreSQL host."""
+def engine_options(url: str, *, is_async: bool = False) -> dict[str, Any]:
+    """Fail fast instead of hanging on an unreachable PostgreSQL host.
+
+    Only for sync runners: psycopg's ``connect_timeout`` is no asyncpg argument, and an
+    AsyncJobRunner's options also build its sync engine (asyncpg times out by itself).
+    """
     parsed = parse_url(url, is_async=False)
     if parsed.get_backend_name() == "postgresql":
-        return {"connect_args": {"connect_timeout": 10}}
+        return {} if is_async else {"connect_args": {"connect_timeout": 10}}
     if not is_memory_sqlite(parsed) and not Path(str(parsed.database)).exists():
         raise SchemaMissing(
             f"there is no SQLite database at {parsed.database}; run `jobrunner migrate` "

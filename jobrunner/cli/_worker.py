@@ -104,6 +104,9 @@ def worker(
 
 async def _work_async(url: str, heartbeat_interval: float, options: dict[str, Any]) -> None:
     async with AsyncJobRunner(
-        url, registry=registry(), heartbeat_interval=heartbeat_interval, **engine_options(url)
+        url,
+        registry=registry(),
+        heartbeat_interval=heartbeat_interval,
+        **engine_options(url, is_async=True),
     ) as runner:
         await runner.work(**options)

@@ -108,6 +108,4 @@ def downgrade() -> None:
         batch.drop_column("priority")
         batch.drop_column("queue")
     op.execute(f"ALTER TABLE {TABLE} RENAME COLUMN due_at TO next_retry_at")
-    op.create_index(
-        "ix_jobrunner_executions_status_next_retry", TABLE, ["status", "next_retry_at"]
-    )
+    op.create_index("ix_jobrunner_executions_status_next_retry", TABLE, ["status", "next_retry_at"])
