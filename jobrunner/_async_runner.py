@@ -29,6 +29,7 @@ from ._base import (
 from ._engine import (
     database_url,
     display_url,
+    drop_if_empty,
     is_memory_sqlite,
     make_async_engine,
     make_sync_engine,
@@ -161,6 +162,7 @@ class AsyncJobRunner(_RunnerBase):
             await self._autocommit_engine.dispose()
         if self._sync is not None:
             self._sync.engine.dispose()
+        drop_if_empty(self.engine.sync_engine)
 
     async def __aenter__(self) -> Self:
         return self
@@ -368,9 +370,17 @@ class AsyncJobRunner(_RunnerBase):
         status: StatusFilter = None,
         batch_size: int = 1000,
         progress: Callable[[int], None] | None = None,
+        dry_run: bool = False,
     ) -> int:
-        """Delete finished executions older than ``older_than``, one batch per transaction."""
+        """Delete finished executions older than ``older_than``, one batch per transaction
+        (``dry_run``: only count them). See :meth:`JobRunner.prune`."""
         before, statuses = _prune_plan(older_than, status, batch_size)
+        if dry_run:
+            async with self._phases.tx(read=True) as conn:
+                counted: int = await conn.run_sync(
+                    lambda c: q.count_prunable(c, before=before, statuses=statuses)
+                )
+                return counted
         deleted = 0
         while True:
             async with self._phases.tx() as conn:

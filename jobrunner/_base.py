@@ -26,7 +26,7 @@ from ._inflight import InFlight
 from ._job import PhasedJob
 from ._lifecycle import RETRYABLE_BY_HAND, WAITING
 from ._records import Execution
-from ._registry import JobRef, Registry, default_registry
+from ._registry import JobRef, Registry, default_registry, main_module_message
 from ._schema import TERMINAL_STATUSES, ExecutionStatus
 from ._worker import AsyncWorker, SyncWorker, WorkOptions
 
@@ -136,6 +136,7 @@ class _RunnerBase:
         priority: int | None = None,
     ) -> tuple[type[PhasedJob], dict[str, Any]]:
         job_cls = self.registry.resolve(job)
+        _warn_if_unimportable(job_cls)
         args_value, args_json = job_cls.validate_args(args)
         row = new_row(
             job_cls,
@@ -207,6 +208,7 @@ class _RunnerBase:
         """
         job_cls = self.registry.resolve(job)
         self._check_runnable(job_cls)
+        _warn_if_unimportable(job_cls)
         return job_cls, idempotency_key is not None or job_cls.max_concurrency is not None
 
     def _concurrency(
@@ -313,6 +315,20 @@ class _RunnerBase:
                 f"{', '.join(RETRYABLE_BY_HAND)} executions can be retried"
             )
         return execution
+
+
+_warned: set[str] = set()
+
+
+def _warn_if_unimportable(job_cls: type[PhasedJob]) -> None:
+    """Once per job: its handler is ``__main__:...``, which only this process can run."""
+    if job_cls.handler.startswith("__main__:") and job_cls.handler not in _warned:
+        _warned.add(job_cls.handler)
+        logger.warning(
+            "%s; executions of it can be run and retried only by this process",
+            main_module_message(job_cls.handler),
+            extra={"job": job_cls.name},
+        )
 
 
 def _interval(seconds: float) -> float:

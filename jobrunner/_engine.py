@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import weakref
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -95,7 +99,34 @@ def make_sync_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: A
         raise _wrap_driver_error(parsed, exc) from exc
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine, busy_timeout, memory=is_memory_sqlite(parsed))
+        _note_new_file(engine, parsed)
     return engine
+
+
+#: SQLite files an engine of ours will create (did not exist when it was made).
+_new_files: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
+def _note_new_file(engine: Engine, url: URL) -> None:
+    """Remember a SQLite file this engine is about to create (see :func:`drop_if_empty`)."""
+    if not is_memory_sqlite(url) and not Path(str(url.database)).exists():
+        _new_files[engine] = str(url.database)
+
+
+def drop_if_empty(engine: Engine) -> None:
+    """Remove the SQLite file this engine created if nothing was ever stored in it.
+
+    ``JobRunner("sqlite:///typo.db")`` that fails (no tables there) must not leave an
+    empty database file behind to confuse the next command. Call after ``dispose()``.
+    """
+    path = _new_files.get(engine)
+    if path is None or not Path(path).exists():
+        return
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    if tables == 0:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(path + suffix).unlink(missing_ok=True)
 
 
 def make_async_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: Any) -> AsyncEngine:
@@ -107,6 +138,7 @@ def make_async_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: 
         raise _wrap_driver_error(parsed, exc) from exc
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine.sync_engine, busy_timeout, memory=is_memory_sqlite(parsed))
+        _note_new_file(engine.sync_engine, parsed)
     return engine
 
 

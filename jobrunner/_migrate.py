@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import Connection, Engine, inspect, text
 from sqlalchemy.engine import URL
 
-from ._engine import database_url, display_url, make_sync_engine, parse_url
+from ._engine import database_url, display_url, drop_if_empty, make_sync_engine, parse_url
 from ._errors_db import framework_sql
 from ._exceptions import ConfigurationError
 from ._schema import UTCDateTime, metadata
@@ -124,17 +124,42 @@ def migrate(
         return _upgrade(conn, revision, on_step, owned=owned)
 
 
-def migration_sql(target: str | URL | None = None, *, revision: str = "head") -> str:
-    """The SQL an upgrade from nothing to ``revision`` runs, for review (offline mode)."""
+def migration_sql(
+    target: str | URL | None = None, *, revision: str = "head", start: str | None = None
+) -> str:
+    """The SQL an upgrade to ``revision`` runs, for review (offline mode).
+
+    ``start`` is the revision the database is at: None to ask the database (empty when it
+    is already current), ``"base"`` for the whole schema from nothing.
+    """
     from alembic import command
 
+    url = parse_url(database_url(target), is_async=False)
+    if start is None:
+        start = _revision_of(url)
+        if start == head_revision() and revision in ("head", start):
+            return f"-- {display_url(url)} is at {start}, the newest revision: nothing to apply\n"
     buffer = io.StringIO()
     config = alembic_config()
     config.output_buffer = buffer
-    config.attributes["url"] = parse_url(database_url(target), is_async=False)
+    config.attributes["url"] = url
+    span = revision if start in (None, "base") else f"{start}:{revision}"
     with _alembic_errors():
-        command.upgrade(config, revision, sql=True)
+        command.upgrade(config, span, sql=True)
     return buffer.getvalue()
+
+
+def _revision_of(url: URL) -> str | None:
+    """The database's jobrunner revision, or None when it has none (or is unreachable)."""
+    engine = make_sync_engine(url)
+    try:
+        with engine.connect() as conn:
+            return current_revision(conn)
+    except Exception:  # no database yet, or not reachable: the SQL from nothing is wanted
+        return None
+    finally:
+        engine.dispose()
+        drop_if_empty(engine)
 
 
 def current_revision(conn: Connection) -> str | None:

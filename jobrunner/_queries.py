@@ -749,11 +749,10 @@ def prune_batch(conn: Connection, *, before: datetime, statuses: Sequence[str], 
     created) and, on PostgreSQL, locked with ``SKIP LOCKED`` so a concurrent ``retry()``
     of the same execution either wins or waits, never half-applies.
     """
-    finished = func.coalesce(E.finished_at, E.created_at)
     ids = (
         conn.execute(
             select(E.id)
-            .where(E.created_at < before, finished < before, E.status.in_(list(statuses)))
+            .where(*_prunable(before, statuses))
             .order_by(E.created_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -762,6 +761,17 @@ def prune_batch(conn: Connection, *, before: datetime, statuses: Sequence[str], 
         .all()
     )
     return delete_executions(conn, ids) if ids else 0
+
+
+def _prunable(before: datetime, statuses: Sequence[str]) -> list[Any]:
+    finished = func.coalesce(E.finished_at, E.created_at)
+    return [E.created_at < before, finished < before, E.status.in_(list(statuses))]
+
+
+def count_prunable(conn: Connection, *, before: datetime, statuses: Sequence[str]) -> int:
+    """How many executions :func:`prune_batch` would delete, in all."""
+    stmt = select(func.count()).where(*_prunable(before, statuses))
+    return int(conn.execute(stmt).scalar_one())
 
 
 _PERCENTILES = (50, 95)

@@ -75,6 +75,8 @@ class Registry:
         module_name, _, qualname = handler.partition(":")
         if not module_name or not qualname:
             raise JobNotFound(f"{handler!r} is not a handler path like 'package.module:Class'")
+        if module_name == "__main__":
+            raise JobNotFound(main_module_message(handler))
         if "<locals>" in qualname:
             raise JobNotFound(
                 f"{handler!r} is defined inside a function and cannot be imported; "
@@ -104,6 +106,18 @@ class Registry:
         if not self._by_name and not module_name:
             hint = "; no jobs are registered (import the module defining them, e.g. --app)"
         return f"no job named {ref!r}{' (' + where + ')' if where else ''}{hint}"
+
+
+def main_module_message(handler: str) -> str:
+    """Why a job defined in the script being run cannot be found elsewhere, and the fix."""
+    cls = handler.partition(":")[2]
+    return (
+        f"job {handler!r} was defined in a script run as `python script.py` (module "
+        "'__main__'), which no other process (a worker, `jobrunner retry`) can import. "
+        f"Move {cls} into a module of its own (e.g. jobs.py beside the script), give it a "
+        f'stable `name = "..."`, import it from the script, and start workers and the CLI '
+        "with `--app jobs`"
+    )
 
 
 #: The registry runners use unless given one.

@@ -25,7 +25,7 @@ from ._base import (
     _since,
     _statuses,
 )
-from ._engine import database_url, display_url, make_sync_engine
+from ._engine import database_url, display_url, drop_if_empty, make_sync_engine
 from ._exceptions import ConfigurationError
 from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep, drive
 from ._inflight import Running, SyncHeartbeat
@@ -126,6 +126,7 @@ class JobRunner(_RunnerBase):
         self._heartbeat.stop()
         self._pool.shutdown(wait=False)
         self.engine.dispose()
+        drop_if_empty(self.engine)
         if self._autocommit_engine is not None:
             self._autocommit_engine.dispose()
 
@@ -379,15 +380,19 @@ class JobRunner(_RunnerBase):
         status: StatusFilter = None,
         batch_size: int = 1000,
         progress: Callable[[int], None] | None = None,
+        dry_run: bool = False,
     ) -> int:
         """Delete finished executions (and their attempts) older than ``older_than``.
 
         Only succeeded, failed, timed-out and cancelled executions go (``status`` narrows
         that), ``batch_size`` at a time, each batch its own short transaction, so pruning
         never holds one long lock. ``progress(deleted_so_far)`` is called after each batch.
-        Returns how many executions were deleted.
+        Returns how many executions were deleted; with ``dry_run``, how many would be.
         """
         before, statuses = _prune_plan(older_than, status, batch_size)
+        if dry_run:
+            with self._phases.tx(read=True) as conn:
+                return q.count_prunable(conn, before=before, statuses=statuses)
         deleted = 0
         while True:
             with self._phases.tx() as conn:

@@ -317,7 +317,9 @@ def test_migrate_is_idempotent_and_shows_progress(empty_url: str) -> None:
     again = ok_json(empty_url, "migrate")
     assert again["applied"] == []
     assert "already up to date" in cli(empty_url, "migrate").stdout
-    assert "CREATE TABLE jobrunner_executions" in cli(empty_url, "migrate", "--sql").stdout
+    assert "nothing to apply" in cli(empty_url, "migrate", "--sql").stdout
+    full = cli(empty_url, "migrate", "--sql", "--from", "base").stdout
+    assert "CREATE TABLE jobrunner_executions" in full
 
 
 def test_migrate_adopts_the_backend_tables(backend: Backend) -> None:

@@ -10,14 +10,19 @@ succeed, a failed check); 2 bad input on the command line.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import typer
+import typer.core
+from typer.exceptions import TyperException
 
 # The commands read the registry from here at call time, so this is the one to replace.
 from .._registry import default_registry as default_registry
 from ._admin import check, demo, migrate
 from ._context import root
-from ._errors import BadInput
+from ._errors import BadInput, one_line
 from ._operate import cancel, prune, reap, retry, run
 from ._output import console, emit_json, err_console, execution_json
 from ._parse import IdArgument, JsonOption, parse_window
@@ -56,10 +61,40 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+class _Group(typer.core.TyperGroup):
+    """The command group: usage errors as one ``error:`` line and exit code 2."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        options: dict[str, Any] = {"prog_name": prog_name, "complete_var": complete_var, **extra}
+        if not standalone_mode:
+            return super().main(args, standalone_mode=False, **options)
+        try:
+            outcome = super().main(args, standalone_mode=False, **options)
+        except TyperException as exc:  # usage errors: exit code 2
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
 app = typer.Typer(
+    cls=_Group,
     help="Inspect and operate jobrunner executions.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 app.callback()(root)
 # Registered in the order `jobrunner --help` lists them.

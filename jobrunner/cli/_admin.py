@@ -70,7 +70,9 @@ def _schema_state(url: str) -> tuple[str | None, list[Any]]:
 def _check_jobs() -> list[tuple[str, bool, str]]:
     registered = list(registry())
     if not registered:
-        return [("jobs", False, "no jobs registered; pass the module defining them with --app")]
+        # A readiness probe asks "is the database reachable and migrated?" and nothing
+        # more: that passes. Jobs are checked when --app names the modules defining them.
+        return [("jobs", True, "none registered; pass --app MODULE to check them too")]
     return [(f"job {job.name}", *_importable(job)) for job in registered]
 
 
@@ -93,14 +95,25 @@ def migrate(
     ctx: typer.Context,
     revision: Annotated[str, typer.Option("--revision", help="Target revision.")] = "head",
     sql: Annotated[
-        bool, typer.Option("--sql", help="Print the SQL instead of running it (for review).")
+        bool,
+        typer.Option(
+            "--sql", help="Print the SQL instead of running it (only what the database lacks)."
+        ),
     ] = False,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="REVISION",
+            help="With --sql: the revision to start from ('base': the whole schema).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create or upgrade jobrunner's tables (Alembic, idempotent)."""
     url = resolve_url(ctx)
     if sql:
-        typer.echo(_migrate.migration_sql(url, revision=revision))
+        typer.echo(_migrate.migration_sql(url, revision=revision, start=start))
         return
     steps: list[dict[str, str]] = []
 

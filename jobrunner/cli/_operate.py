@@ -6,7 +6,13 @@ import asyncio
 from typing import Annotated, Any
 
 import typer
-from rich.progress import Progress, SpinnerColumn, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from .._job import PhasedJob
 from .._records import Execution
@@ -78,29 +84,43 @@ def prune(
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, max=10_000, help="Rows per transaction.")
     ] = 1000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only count what would be deleted.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Delete finished executions and their attempts, in short batches."""
     cutoff = parse_window(older_than, "--older-than")
     statuses = parse_statuses(status)
-    with open_runner(ctx) as runner, _progress() as progress:
-        task = progress.add_task("pruning", deleted=0)
-        deleted = runner.prune(
-            cutoff,
-            status=statuses,
-            batch_size=batch_size,
-            progress=lambda n: progress.update(task, deleted=n),
-        )
+    with open_runner(ctx) as runner:
+        total = runner.prune(cutoff, status=statuses, dry_run=True)
+        deleted = total
+        if not dry_run and total:
+            with _progress() as progress:
+                task = progress.add_task("pruning", total=total)
+                deleted = runner.prune(
+                    cutoff,
+                    status=statuses,
+                    batch_size=batch_size,
+                    progress=lambda n: progress.update(task, completed=n),
+                )
     if as_json:
-        emit_json({"deleted": deleted, "older_than": older_than})
+        emit_json(
+            {"deleted": 0 if dry_run else deleted, "would_delete": total, "older_than": older_than}
+        )
+    elif dry_run:
+        console.print(f"{total} execution(s) finished more than {older_than} ago would go.")
     else:
         console.print(f"Pruned {deleted} execution(s) finished more than {older_than} ago.")
 
 
 def _progress() -> Progress:
+    """A bar with the count, the rate and the time left (the total is counted first)."""
     return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}: {task.fields[deleted]} deleted"),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
         console=err_console,
         transient=True,
     )

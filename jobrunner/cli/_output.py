@@ -31,8 +31,19 @@ def json_default(value: Any) -> Any:
 
 
 def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout (no colour, no wrapping)."""
-    typer.echo(json.dumps(document, default=json_default, indent=2))
+    """Print one JSON document on stdout (no colour, no wrapping; UTF-8 text as is)."""
+    typer.echo(json.dumps(_rounded(document), default=json_default, indent=2, ensure_ascii=False))
+
+
+def _rounded(value: Any, key: str = "") -> Any:
+    """Durations to the microsecond (``65.8505``, not ``65.85050000000001``)."""
+    if isinstance(value, dict):
+        return {k: _rounded(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, key) for v in value]
+    if isinstance(value, float) and key.endswith(("_ms", "_s")):
+        return round(value, 3 if key.endswith("_ms") else 6)
+    return value
 
 
 def execution_json(execution: Execution) -> dict[str, Any]:

@@ -49,11 +49,14 @@ def parse_statuses(values: Sequence[str] | None) -> list[ExecutionStatus] | None
     """``--status`` values, repeated or comma-separated; ``None`` when not given."""
     if not values:
         return None
-    try:
-        return [ExecutionStatus(v.strip().lower()) for value in values for v in value.split(",")]
-    except ValueError as exc:
-        known = ", ".join(s.value for s in ExecutionStatus)
-        raise BadInput(f"invalid --status: {exc}; statuses are: {known}") from None
+    known = [s.value for s in ExecutionStatus if s is not ExecutionStatus.ABANDONED]
+    wanted = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
+    unknown = [v for v in wanted if v not in known]
+    if unknown:
+        raise BadInput(
+            f"invalid --status {unknown[0]!r}; an execution's status is one of: {', '.join(known)}"
+        )
+    return [ExecutionStatus(v) for v in wanted]
 
 
 def parse_job_args(text: str) -> dict[str, Any]:

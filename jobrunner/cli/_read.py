@@ -39,7 +39,9 @@ def list_(
             "--since", metavar="WHEN", help="Created in the last 30m/1h/7d/2w, or since a date."
         ),
     ] = None,
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="At most this many.")] = 50,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, metavar="N", help="At most this many.")
+    ] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """List executions, newest first."""

@@ -13,7 +13,7 @@ from rich.text import Text
 from .._job import PHASES, PhasedJob
 from .._records import Attempt, Execution, JobStats
 from .._schema import ExecutionStatus
-from ._output import json_default
+from ._output import console, json_default
 
 _STATUS_STYLE = {
     "succeeded": "green",
@@ -41,8 +41,19 @@ def _status(status: ExecutionStatus) -> Text:
     return Text(status.value, style=_STATUS_STYLE.get(status.value, ""))
 
 
-def _error(error_type: str | None, message: str | None, limit: int = 120) -> Text:
-    return Text(f"{error_type}: {message}"[:limit] if error_type else "", style="red")
+def _error(error_type: str | None, message: str | None, limit: int = 240) -> Text:
+    """The error, shortened at a word boundary with an ellipsis (``show`` has it whole)."""
+    if not error_type:
+        return Text("")
+    text = f"{error_type}: {message}"
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return Text(text, style="red")
+
+
+def _json_text(value: object) -> str:
+    """JSON for people: non-ASCII text as itself, not as ``\\u`` escapes."""
+    return json.dumps(value, default=json_default, ensure_ascii=False)
 
 
 def _table(title: str, columns: Sequence[str], *, folding: Sequence[str]) -> Table:
@@ -63,28 +74,42 @@ def _table(title: str, columns: Sequence[str], *, folding: Sequence[str]) -> Tab
     return table
 
 
-def executions_table(executions: list[Execution], title: str = "executions") -> Table:
-    """A rich table of executions for people (times in UTC)."""
-    table = _table(
-        title,
-        ("id", "status", "job / error", "attempt", "duration", "started (UTC)", "triggered by"),
-        folding=("job / error", "triggered by", "started (UTC)"),
-    )
+#: Below these widths a column goes: first "triggered by", then the date of "started".
+_WIDE, _MEDIUM = 110, 90
+
+
+def executions_table(
+    executions: list[Execution], title: str = "executions", *, width: int | None = None
+) -> Table:
+    """A rich table of executions for people (times in UTC), fitted to ``width``.
+
+    Narrow terminals get fewer columns rather than wrapped ones: ``triggered by`` goes
+    below 110 columns and ``started`` loses its year below 90. Errors fold under the
+    job name, shortened at a word boundary.
+    """
+    width = width or console.width
+    columns = ["id", "status", "job / error", "attempt", "duration", "started (UTC)"]
+    if width >= _WIDE:
+        columns.append("triggered by")
+    table = _table(title, columns, folding=("job / error", "triggered by"))
     # Job names stay whole where they can; the error under them folds.
     table.columns[2].min_width = min(30, max((len(e.job) for e in executions), default=0))
+    started = "%Y-%m-%d %H:%M:%S" if width >= _MEDIUM else "%m-%d %H:%M:%S"
     for e in executions:
         job = Text(e.job)
         if e.error_type:
             job.append("\n").append_text(_error(e.error_type, e.error_message))
-        table.add_row(
+        cells: list[str | Text] = [
             str(e.id)[:8],
             _status(e.status),
             job,
             f"{e.attempt}/{e.max_attempts}",
             _ms(e.duration_ms),
-            _when(e.started_at),
-            Text(e.triggered_by),
-        )
+            e.started_at.strftime(started) if e.started_at else "-",
+        ]
+        if width >= _WIDE:
+            cells.append(Text(e.triggered_by))
+        table.add_row(*cells)
     return table
 
 
@@ -130,8 +155,8 @@ def details(e: Execution) -> Table:
             f"load {_ms(e.load_ms)} · execute {_ms(e.execute_ms)} · record {_ms(e.record_ms)}",
         ),
         ("max loop lag", _ms(e.max_loop_lag_ms)),
-        ("args", Text(json.dumps(e.args, default=json_default))),
-        ("checkpoint", Text(json.dumps(e.result, default=json_default)) if e.checkpointed else "-"),
+        ("args", Text(_json_text(e.args))),
+        ("checkpoint", Text(_json_text(e.result)) if e.checkpointed else "-"),
     ]
     optional = {
         "due": _when(e.due_at) if e.status.value in ("pending", "retrying") else None,
