@@ -20,6 +20,7 @@ from ._exceptions import (
     ConfigurationError,
     ExecutionNotFound,
     InvalidTransition,
+    JobNotFound,
 )
 from ._flow import Settings
 from ._inflight import InFlight
@@ -288,7 +289,14 @@ class _RunnerBase:
             )
 
     def _retry_budget(self, execution: Execution) -> int:
-        job_cls = self.registry.resolve_row(execution.job, execution.handler)
+        """A fresh budget: the job's policy's attempts from here (one if the job is not
+        importable in this process, e.g. the CLI without ``--app``)."""
+        try:
+            job_cls = self.registry.resolve_row(execution.job, execution.handler)
+        except JobNotFound:
+            if execution.job.startswith("__main__:"):
+                raise  # no worker could ever run it: say why and how to fix it
+            return execution.attempt + 1
         return execution.attempt + job_cls.retry.max_attempts
 
     def _cancel_result(
@@ -321,8 +329,12 @@ _warned: set[str] = set()
 
 
 def _warn_if_unimportable(job_cls: type[PhasedJob]) -> None:
-    """Once per job: its handler is ``__main__:...``, which only this process can run."""
-    if job_cls.handler.startswith("__main__:") and job_cls.handler not in _warned:
+    """Once per job: it is known only as ``__main__:...``, which no other process finds.
+
+    A job with a stable ``name`` of its own is left alone: a worker that imports the
+    module defining it finds it by that name.
+    """
+    if job_cls.name.startswith("__main__:") and job_cls.handler not in _warned:
         _warned.add(job_cls.handler)
         logger.warning(
             "%s; executions of it can be run and retried only by this process",

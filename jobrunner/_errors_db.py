@@ -36,6 +36,14 @@ def translate(exc: BaseException, url: str) -> Exception | None:
             f"the jobrunner tables do not exist in {url}; run `jobrunner migrate` "
             "(or call runner.create_schema() for a quick start)"
         )
+    if "database is locked" in text:
+        return DatabaseUnavailable(
+            f"the SQLite database {url} stayed locked by another writer for longer than "
+            "the busy timeout (30 s unless busy_timeout= says otherwise), so this write "
+            "gave up. Another process holds a long write transaction: find it (a stuck "
+            "worker, a migration, a shell with an open transaction), or raise busy_timeout; "
+            "with many writers, use PostgreSQL."
+        )
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or getattr(
         exc, "connection_invalidated", False
     ):

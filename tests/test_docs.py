@@ -1,7 +1,8 @@
 """The documentation is proven: its Python blocks run as written and the site builds strictly.
 
 On the pages tested here, every ```python block is run; illustrations that are not meant
-to run on their own (a "before" snippet, a fragment) are fenced as ```py instead.
+to run on their own (a "before" snippet, a fragment) are fenced as ```py instead. The
+quickstart's files and shell commands are run by tests/test_quickstart.py.
 """
 
 from __future__ import annotations
@@ -10,35 +11,21 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 import jobrunner
-from jobrunner import metadata
-
-from ._services import scratch_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
-POSTGRES_HEADING = "## 5. Switch to PostgreSQL"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
 def python_blocks(page: str) -> list[str]:
     """Every ```python block of a docs page, in order."""
     return _BLOCK.findall((DOCS / page).read_text(encoding="utf-8"))
-
-
-def quickstart_script(*, postgres: bool) -> str:
-    """The quickstart's blocks as the one file the page tells readers to build."""
-    text = (DOCS / "quickstart.md").read_text(encoding="utf-8")
-    assert POSTGRES_HEADING in text, "the quickstart lost its PostgreSQL section"
-    if not postgres:
-        text = text.split(POSTGRES_HEADING)[0]
-    return "\n\n".join(_BLOCK.findall(text))
 
 
 def run_script(source: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -53,54 +40,6 @@ def run_script(source: str, cwd: Path, **env: str) -> subprocess.CompletedProces
     )
     assert done.returncode == 0, done.stderr
     return done
-
-
-def job_rows(url: str) -> list[tuple[str, str]]:
-    """(job, status) of every row in jobrunner_executions at ``url``, oldest first."""
-    executions = metadata.tables["jobrunner_executions"]
-    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            query = sa.select(executions.c.job, executions.c.status).order_by(
-                executions.c.created_at)
-            return [tuple(row) for row in conn.execute(query)]
-    finally:
-        engine.dispose()
-
-
-@pytest.fixture
-def pg_database(pg_server: sa.URL) -> Iterator[str]:
-    """An empty scratch PostgreSQL database, as a plain postgresql:// URL."""
-    with scratch_database(pg_server, prefix="jobrunner_docs") as url:
-        yield url.render_as_string(hide_password=False)
-
-
-def test_quickstart_reaches_the_jobs_row_on_sqlite(tmp_path: Path) -> None:
-    """Following the quickstart up to PostgreSQL writes the custom job's executions row."""
-    done = run_script(quickstart_script(postgres=False), tmp_path)
-    lines = done.stdout.splitlines()
-    assert lines[0] == "succeeded {'signup_id': 1, 'message_id': 'msg-1'}"
-    assert lines[1].startswith("('signups.send_welcome_email', 'succeeded', 1,")
-    assert "succeeded after 3 attempts" in lines
-    assert "failed load sqlalchemy.exc.NoResultFound" in lines
-    assert job_rows(f"sqlite:///{tmp_path / 'welcome.db'}") == [
-        ("signups.send_welcome_email", "succeeded"),
-        ("signups.flaky_welcome_email", "succeeded"),
-        ("signups.send_welcome_email", "failed"),
-    ]
-
-
-@pytest.mark.postgres
-def test_quickstart_switches_to_postgres(tmp_path: Path, pg_database: str) -> None:
-    """The whole quickstart, PostgreSQL section included, writes the row on PostgreSQL."""
-    done = run_script(
-        quickstart_script(postgres=True), tmp_path, JOBRUNNER_DATABASE_URL=pg_database
-    )
-    assert done.stdout.splitlines()[-1].startswith("('signups.send_welcome_email', 'succeeded'")
-    pg_url = sa.make_url(pg_database).set(drivername="postgresql+psycopg")
-    assert job_rows(pg_url.render_as_string(hide_password=False)) == [
-        ("signups.send_welcome_email", "succeeded")
-    ]
 
 
 def test_index_example_runs(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def cli(url: str | None, *args: str, columns: int = 160) -> Result:
 class Fails(PhasedJob):
     """Fails with a long message, the way a reaped execution's error reads."""
 
-    name = "tests.first_hour.fails"
+    name = "tests.first_hour.a_job_with_a_rather_long_name"
 
     def execute(self, loaded: Any) -> None:
         raise RuntimeError(

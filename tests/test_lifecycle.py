@@ -662,3 +662,28 @@ async def test_a_caller_cancelling_twice_still_gets_the_late_result_checkpointed
     [execution] = await arunner.list()
     assert execution.status is ExecutionStatus.RETRYING  # interrupted, not counted
     assert execution.checkpointed and execution.result == "finished in the end"
+
+
+def test_sqlite_lock_timeout_says_what_it_is(tmp_path: Any) -> None:
+    """A write that waited out the busy timeout says the database was locked, and why."""
+    from jobrunner import DatabaseUnavailable
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    holder = JobRunner(url, registry=Registry())
+    holder.create_schema()
+    impatient = JobRunner(url, registry=Registry(), busy_timeout=0.1)
+
+    class Any_(PhasedJob):
+        name = "lifecycle.any"
+
+        def execute(self, loaded: Any) -> None: ...
+
+    impatient.registry.register(Any_)
+    try:
+        with holder.engine.begin() as conn:  # a long write transaction elsewhere
+            conn.execute(sa.text("update jobrunner_executions set attempt = attempt"))
+            with pytest.raises(DatabaseUnavailable, match="stayed locked by another writer"):
+                impatient.submit(Any_)
+    finally:
+        holder.close()
+        impatient.close()

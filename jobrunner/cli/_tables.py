@@ -92,8 +92,9 @@ def executions_table(
     if width >= _WIDE:
         columns.append("triggered by")
     table = _table(title, columns, folding=("job / error", "triggered by"))
-    # Job names stay whole where they can; the error under them folds.
-    table.columns[2].min_width = min(30, max((len(e.job) for e in executions), default=0))
+    # Job names stay whole where they can (long ones fold when narrow); errors fold.
+    longest = max((len(e.job) for e in executions), default=0)
+    table.columns[2].min_width = min(30 if width >= _MEDIUM else 16, longest)
     started = "%Y-%m-%d %H:%M:%S" if width >= _MEDIUM else "%m-%d %H:%M:%S"
     for e in executions:
         job = Text(e.job)
