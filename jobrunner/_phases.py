@@ -251,7 +251,7 @@ class SyncPhases:
 
     def _load(self, state: AttemptState, job: PhasedJob, *, read_first: bool) -> Any:
         with self._open(state, "load", read_first=read_first) as (session, conn):
-            before = changes(conn)
+            before = changes(conn) if read_first else None
             loaded = job.load(session, _args_value(state))
             session.flush()
             _check_deadline(state, "load", state.job_cls.load_timeout)
@@ -370,7 +370,8 @@ class AsyncPhases:
             sync.open_for(state.job_cls.name, phase)
             try:
                 async with session.begin():
-                    await session.connection(execution_options=options)
+                    if options is not None:
+                        await session.connection(execution_options=options)
                     yield session, _AsyncIO(session=session)
             finally:
                 await session.close()
@@ -458,7 +459,7 @@ class AsyncPhases:
         self, state: AttemptState, job: PhasedJob, running: Running, *, read_first: bool
     ) -> Any:
         async with self._open(state, "load", read_first=read_first) as (session, io):
-            before = await io.run(changes)
+            before = await io.run(changes) if read_first else None
             args = _args_value(state)
             async with _deadline(state, "load", state.job_cls.load_timeout):
                 loaded = await self._user(state, running, _async(job).load(session, args))

@@ -28,6 +28,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal_column,
     or_,
     select,
     true,
@@ -102,30 +103,17 @@ def _dialect_insert(conn: Connection) -> Any:
     return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
-def _with_notify(conn: Connection, stmt: Any) -> Any:
-    """On PostgreSQL, NOTIFY the queue of each inserted row in the same statement.
-
-    NOTIFY is transactional: workers are woken when (and only if) the insert commits.
-    """
-    if conn.dialect.name != "postgresql":
-        return stmt
-    inserted = stmt.returning(E.id, E.queue).cte("inserted")
-    return select(inserted.c.id, func.pg_notify(NOTIFY_CHANNEL, inserted.c.queue)).select_from(
-        inserted
-    )
-
-
 def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
     """Insert one execution row (pending for submit, running for an inline run).
 
-    A ``due_at`` given as a number is seconds from the database's now.
+    ``due_at`` and ``lease_expires_at`` given as numbers are seconds from the database's
+    now. On PostgreSQL a pending row NOTIFYs its queue in the same statement (NOTIFY is
+    transactional: workers are woken when, and only if, the insert commits).
     """
-    row = _due(values)
-    stmt = insert(executions).values(row)
-    if row["status"] == target(Event.SUBMIT):
-        conn.execute(_with_notify(conn, stmt))
-    else:
-        conn.execute(stmt)
+    params, relative = _clock_params(values)
+    notify = params["status"] == target(Event.SUBMIT)
+    stmt = _insert_statement(conn.dialect.name, _columns(params), relative, notify, False)
+    conn.execute(stmt, params)
 
 
 def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
@@ -134,33 +122,79 @@ def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
     ``INSERT ... ON CONFLICT DO NOTHING`` on the unique key, so concurrent submitters
     race safely: exactly one row is created, everybody gets its id.
     """
-    stmt = (
-        _dialect_insert(conn)(executions)
-        .values(_due(values))
-        .on_conflict_do_nothing(index_elements=[E.idempotency_key])
-    )
-    if conn.dialect.name != "postgresql":
-        stmt = stmt.returning(E.id)
-    inserted = conn.execute(_with_notify(conn, stmt)).first()
+    params, relative = _clock_params(values)
+    stmt = _insert_statement(conn.dialect.name, _columns(params), relative, True, True)
+    inserted = conn.execute(stmt, params).first()
     if inserted is not None:
         return uuid.UUID(str(inserted[0]))
     existing = select(E.id).where(E.idempotency_key == values["idempotency_key"])
     return uuid.UUID(str(conn.execute(existing).scalar_one()))
 
 
+_RELATIVE = ("due_at", "lease_expires_at")
+
+
+def _clock_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The row as parameters, with times given in seconds moved to ``<column>_s``."""
+    params = dict(values)
+    relative = []
+    for key in _RELATIVE:
+        value = params.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            params[f"{key}_s"] = float(params.pop(key))
+            relative.append(key)
+    return params, tuple(relative)
+
+
+def _columns(params: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(key for key in params if key in executions.c)
+
+
+@functools.cache
+def _insert_statement(
+    dialect: str, columns: tuple[str, ...], relative: tuple[str, ...], notify: bool, unique: bool
+) -> Any:
+    """The INSERT for a row of these columns, built once per shape (and compiled once):
+    every value a named parameter, times given in seconds from the database's clock."""
+    table_insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    values: dict[str, Any] = {c: bindparam(c, type_=executions.c[c].type) for c in columns}
+    values.update({key: after(f"{key}_s") for key in relative})
+    stmt = table_insert(executions).values(values)
+    if unique:
+        stmt = stmt.on_conflict_do_nothing(index_elements=[E.idempotency_key])
+    if notify and dialect == "postgresql":
+        inserted = stmt.returning(E.id, E.queue).cte("inserted")
+        return select(inserted.c.id, func.pg_notify(NOTIFY_CHANNEL, inserted.c.queue)).select_from(
+            inserted
+        )
+    return stmt.returning(E.id) if unique else stmt
+
+
 def _due(values: Mapping[str, Any]) -> dict[str, Any]:
     """Seconds from now (``due_at``, ``lease_expires_at``) as the database's clock."""
     row = dict(values)
-    for key in ("due_at", "lease_expires_at"):
+    for key in _RELATIVE:
         value = row.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            row[key] = seconds(value) if value else db_now()
+            row[key] = seconds(value)
     return row
 
 
 # -- claiming (event: claim) ----------------------------------------------------------------
 
 _WAITING = sources(Event.CLAIM)
+
+
+def status_in(statuses: Sequence[str]) -> Any:
+    """``status IN ('a', 'b')`` with the statuses as SQL literals, not parameters.
+
+    They come from the transition table, never from input. As literals they need no
+    per-execution expansion, and PostgreSQL can prove a partial index's predicate
+    (``WHERE status IN ('pending', 'retrying')``) even with a generic prepared plan.
+    """
+    if len(statuses) == 1:
+        return E.status == literal_column(f"'{statuses[0]}'")
+    return E.status.in_([literal_column(f"'{s}'") for s in statuses])
 
 
 def _claim_set(first_phase: Any) -> dict[str, Any]:
@@ -188,7 +222,7 @@ _FIRST_PHASE = case(
     (E.job.in_(bindparam("no_load", expanding=True)), "execute"),
     else_="load",
 )
-_CLAIMABLE = and_(E.status.in_(_WAITING), E.cancel_requested == false())
+_CLAIMABLE = and_(status_in(_WAITING), E.cancel_requested == false())
 
 _CLAIM_ONE = (
     sa_update(executions)
@@ -368,7 +402,7 @@ def _owned_where(event: Event, how: str) -> Any:
     """WHERE clause matching the row only while the lease (bound as b_*) still owns it."""
     owned = and_(
         E.id == bindparam("b_id"),
-        E.status.in_(sources(event)),
+        status_in(sources(event)),
         E.lease_token == bindparam("b_token"),
     )
     return owned if how == "held" else and_(owned, E.worker == bindparam("b_worker"))
@@ -441,7 +475,7 @@ def heartbeat(
     for length, pairs in by_length.items():
         stmt = (
             sa_update(executions)
-            .where(E.status.in_(sources(Event.HEARTBEAT)), tuple_(E.id, E.lease_token).in_(pairs))
+            .where(status_in(sources(Event.HEARTBEAT)), tuple_(E.id, E.lease_token).in_(pairs))
             .values(heartbeat_at=db_now(), lease_expires_at=seconds(length))
             .returning(E.id, E.cancel_requested)
         )
@@ -592,12 +626,12 @@ def cancel(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
     One statement, so a claim racing it either happened first (the flag is set on the
     running row) or not at all (the row is cancelled). None if neither applies.
     """
-    waiting = E.status.in_(sources(Event.CANCEL))
+    waiting = status_in(sources(Event.CANCEL))
     stmt = (
         sa_update(executions)
         .where(
             E.id == execution_id,
-            E.status.in_(sources(Event.CANCEL) + sources(Event.CANCEL_REQUESTED)),
+            status_in(sources(Event.CANCEL) + sources(Event.CANCEL_REQUESTED)),
         )
         .values(
             status=case((waiting, target(Event.CANCEL)), else_=E.status),
@@ -616,7 +650,7 @@ def requeue(
     """Put an execution that ended badly back to pending for an explicit retry."""
     stmt = (
         sa_update(executions)
-        .where(E.id == execution_id, E.status.in_(sources(Event.RETRIED_BY_HAND)))
+        .where(E.id == execution_id, status_in(sources(Event.RETRIED_BY_HAND)))
         .values(
             status=target(Event.RETRIED_BY_HAND),
             max_attempts=max_attempts,
@@ -671,7 +705,7 @@ def reap(conn: Connection, *, limit: int) -> list[Execution]:
     expired = (
         conn.execute(
             select(executions, db_now().label("db_now"))
-            .where(E.status.in_(sources(Event.LEASE_EXPIRED)), E.lease_expires_at < db_now())
+            .where(status_in(sources(Event.LEASE_EXPIRED)), E.lease_expires_at < db_now())
             .order_by(E.lease_expires_at)
             .limit(limit)
             .with_for_update(skip_locked=True)
