@@ -436,7 +436,8 @@ class AsyncJobRunner(_RunnerBase):
     ) -> builtins.list[AttemptState]:
         """Claim up to ``limit`` due executions this runner can run (the worker's claim)."""
         jobs, limits, no_load = self._runnable_jobs(), self._limits(), self._no_load_jobs()
-        async with self._phases.tx() as conn:
+        # Without concurrency limits the claim is one statement: autocommit on PostgreSQL.
+        async with self._phases.tx(single=not limits) as conn:
             rows = await conn.run_sync(
                 lambda c: q.claim_batch(
                     c,

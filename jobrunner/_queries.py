@@ -322,13 +322,20 @@ def claim_batch(
     """
     if not jobs or limit < 1:
         return []
-    where = [_CLAIMABLE, E.due_at <= db_now(), E.job.in_(list(jobs))]
+    params: dict[str, Any] = {
+        "worker": worker,
+        "lease_s": float(lease_s),
+        "no_load": list(no_load),
+        "jobs": list(jobs),
+        "n": limit,
+    }
     if queues is not None:
-        where.append(E.queue.in_(list(queues)))
+        params["queues"] = list(queues)
     limited = {job: n for job, n in (limits or {}).items() if job in jobs}
-    params = {"worker": worker, "lease_s": float(lease_s), "no_load": list(no_load)}
     if not limited:
-        return _claim_picked(conn, where, limit, params)
+        stmt = _claim_picked(conn.dialect.name, queues is not None)
+        return [dict(r) for r in conn.execute(stmt, params).mappings()]
+    where = _claim_where(queues is not None)
     saturated = _saturated(conn, limited)
     if saturated:  # executions waiting for a slot must not starve the others
         where.append(or_(E.concurrency_key.is_(None), E.concurrency_key.not_in(saturated)))
@@ -336,8 +343,9 @@ def claim_batch(
         select(E.id, E.job, E.concurrency_key)
         .where(*where)
         .order_by(*_ORDER)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+        .limit(bindparam("n"))
+        .with_for_update(skip_locked=True),
+        params,
     ).all()
     ids = _within_limits(conn, candidates, limited)
     if not ids:
@@ -351,25 +359,37 @@ def claim_batch(
     return [dict(r) for r in conn.execute(stmt, params).mappings()]
 
 
-def _claim_picked(
-    conn: Connection, where: list[Any], limit: int, params: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _claim_where(with_queues: bool) -> list[Any]:
+    """Due, claimable executions of the worker's jobs (and queues), as parameters."""
+    where = [
+        _CLAIMABLE,
+        E.due_at <= db_now(),
+        E.job.in_(bindparam("jobs", expanding=True)),
+    ]
+    if with_queues:
+        where.append(E.queue.in_(bindparam("queues", expanding=True)))
+    return where
+
+
+@functools.cache
+def _claim_picked(dialect: str, with_queues: bool) -> Any:
     """One statement: pick the candidates (locked, skipping locked ones) and claim them.
 
-    PostgreSQL: a MATERIALIZED CTE, evaluated once. (``UPDATE ... WHERE id IN (SELECT
-    ... FOR UPDATE SKIP LOCKED LIMIT n)`` is not safe: the planner may re-run the
-    subquery, and each run skips the rows the last one locked, claiming more than n.)
+    Built once per shape. PostgreSQL: a MATERIALIZED CTE, evaluated once. (``UPDATE ...
+    WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)`` is not safe: the planner may
+    re-run the subquery, and each run skips the rows the last one locked, claiming more
+    than n.)
     """
-    picked_q = select(E.id).where(*where).order_by(*_ORDER).limit(limit)
-    if conn.dialect.name == "postgresql":
+    picked_q = select(E.id).where(*_claim_where(with_queues)).order_by(*_ORDER)
+    picked_q = picked_q.limit(bindparam("n"))
+    if dialect == "postgresql":
         picked = (
             picked_q.with_for_update(skip_locked=True).cte("picked").prefix_with("MATERIALIZED")
         )
         stmt = sa_update(executions).where(E.id == picked.c.id)
     else:
         stmt = sa_update(executions).where(E.id.in_(picked_q.scalar_subquery()))
-    stmt = stmt.values(_claim_set(_FIRST_PHASE)).returning(*_CLAIM_COLUMNS)
-    return [dict(r) for r in conn.execute(stmt, params).mappings()]
+    return stmt.values(_claim_set(_FIRST_PHASE)).returning(*_CLAIM_COLUMNS)
 
 
 def _within_limits(

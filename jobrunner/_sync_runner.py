@@ -435,7 +435,9 @@ class JobRunner(_RunnerBase):
 
     def _claim_batch(self, limit: int, queues: Sequence[str] | None) -> builtins.list[AttemptState]:
         """Claim up to ``limit`` due executions this runner can run (the worker's claim)."""
-        with self._phases.tx() as conn:
+        limits = self._limits()
+        # Without concurrency limits the claim is one statement: autocommit on PostgreSQL.
+        with self._phases.tx(single=not limits) as conn:
             rows = q.claim_batch(
                 conn,
                 worker=self.worker_id,
@@ -444,7 +446,7 @@ class JobRunner(_RunnerBase):
                 jobs=self._runnable_jobs(),
                 queues=queues,
                 no_load=self._no_load_jobs(),
-                limits=self._limits(),
+                limits=limits,
             )
         return [self._claimed(row) for row in rows]
 
