@@ -1,6 +1,6 @@
 """A worker process for the fault tests: `python -m tests.fault_worker MODE URL [ID]`.
 
-Modes: `run ID` runs one execution (heartbeat every 0.1 s) and prints its final
+Modes: `run ID` runs one execution (heartbeat every 0.25 s) and prints its final
 status; `drain` calls run_due until nothing is pending or running; `submit-keys SEED`
 submits faults.keyed with 250 idempotency keys in a shuffled order.
 """
@@ -20,7 +20,7 @@ from . import fault_jobs
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     mode, url = argv[0], argv[1]
-    runner = JobRunner(url, heartbeat_interval=0.1)
+    runner = JobRunner(url, heartbeat_interval=0.25)
     try:
         if mode == "run":
             execution = runner.run_execution(argv[2])

@@ -24,7 +24,7 @@ from . import fault_jobs
 from .conftest import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
-LEASE = 0.3  # the fault workers' lease (three heartbeats of 0.1 s), kept on the row
+LEASE = 0.75  # the fault workers' lease (three heartbeats of 0.25 s), kept on the row
 
 
 @pytest.fixture

@@ -197,7 +197,9 @@ def test_a_reaper_beside_run_due_never_takes_a_live_execution(backend: Backend) 
     """run_due claims each execution just before it runs and heartbeats the running one:
     a reaper reaping all the while takes nothing back and nothing runs twice."""
     registry = Registry()
-    runner = JobRunner(backend.url, registry=registry, heartbeat_interval=0.05)
+    # Lease 0.9 s (three heartbeats of 0.3 s): short enough for the slow execution to
+    # outlive it almost three times, long enough for a heartbeat to be late on a busy machine.
+    runner = JobRunner(backend.url, registry=registry, heartbeat_interval=0.3)
     reaper = JobRunner(backend.url, registry=Registry())
     first_running, first_done = threading.Event(), threading.Event()
     runs: dict[str, int] = {}
@@ -214,7 +216,7 @@ def test_a_reaper_beside_run_due_never_takes_a_live_execution(backend: Backend) 
                 first_running.set()
                 import time
 
-                time.sleep(0.6)  # four leases of 0.15 s: only heartbeats keep it
+                time.sleep(2.5)  # nearly three leases: only heartbeats keep it
                 first_done.set()
 
     registry.register(Batch)
@@ -226,9 +228,9 @@ def test_a_reaper_beside_run_due_never_takes_a_live_execution(backend: Backend) 
     try:
         assert first_running.wait(10)
         reaped = []
-        # A reaper every 20 ms (a hot loop would hog SQLite's single write lock and starve
+        # A reaper every 50 ms (a hot loop would hog SQLite's single write lock and starve
         # the heartbeat: real reapers run every few seconds).
-        while not first_done.wait(0.02):
+        while not first_done.wait(0.05):
             reaped += reaper.reap()
         assert reaped == []
     finally:

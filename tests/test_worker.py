@@ -79,7 +79,9 @@ def test_two_workers_drain_2000_executions_and_survive_a_kill_9(
     """2 workers x 4 slots, 2,000 executions, one worker kill -9'ed: all succeed, once each."""
     runner = store
     ids = _submit_many(runner, 2000, seconds=0.002)
-    fast = ("--concurrency", "4", "--heartbeat-interval", "0.2", "--poll-interval", "0.2")
+    # Lease 1.5 s: the dead worker's executions come back soon, and a live one's heartbeat
+    # may be late on a busy machine without losing its lease.
+    fast = ("--concurrency", "4", "--heartbeat-interval", "0.5", "--poll-interval", "0.2")
     doomed = Worker(postgres.url, tmp_path / "doomed.log", *fast)
     survivor = Worker(postgres.url, tmp_path / "survivor.log", *fast)
     try:
