@@ -687,3 +687,23 @@ def test_sqlite_lock_timeout_says_what_it_is(tmp_path: Any) -> None:
     finally:
         holder.close()
         impatient.close()
+
+
+def test_an_in_process_cancel_during_execute_keeps_its_result(runner: JobRunner) -> None:
+    """The runner's own cancel() (a signal, not a heartbeat) still lets the result in."""
+    executed = Counter()
+
+    class SideEffect(PhasedJob):
+        name = "lifecycle.side_effect_in_process"
+
+        def execute(self, loaded: Any) -> str:
+            executed.bump()
+            runner.cancel(self.execution_id)  # signals the attempt at once, in this process
+            return "charged the card"
+
+    runner.registry.register(SideEffect)
+    execution = runner.run(SideEffect)
+    assert execution.status is CANCELLED
+    assert execution.checkpointed and execution.result == "charged the card"
+    runner.retry(execution.id)
+    assert runner.run_due()[0].succeeded and executed.value == 1
