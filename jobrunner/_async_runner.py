@@ -10,12 +10,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
+from sqlalchemy import Connection
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from . import _queries as q
 from ._attempt import AttemptState
 from ._base import (
+    DEFAULT_MAX_ARGS_BYTES,
     IdLike,
     StatusFilter,
     _as_id,
@@ -23,6 +25,7 @@ from ._base import (
     _missing,
     _prune_plan,
     _RunnerBase,
+    _seconds,
     _since,
     _statuses,
 )
@@ -42,7 +45,7 @@ from ._monitor import LoopHealth, LoopMonitor
 from ._phases import AsyncPhases, SyncPhases, make_job
 from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry
-from ._session import SessionScope
+from ._session import SessionScope, caller_connection, on_commit
 from ._threads import DaemonPool
 from ._worker import AsyncWorker, WorkOptions
 
@@ -73,6 +76,8 @@ class AsyncJobRunner(_RunnerBase):
             database's clock (default three heartbeat intervals; at least two).
         max_threads: the runner's own pool of threads for sync phases (default 32; a
             worker grows it to its concurrency). Never the loop's default executor.
+        max_args_bytes: args larger than this as JSON are refused at submit with
+            :class:`InvalidArgs` (default 1,000,000; None: no limit).
         slow_phase_threshold: log phases longer than this many seconds (None: never).
         loop_lag_threshold_ms: an async phase step holding the loop this long is logged
             with its execution and phase; the loop monitor logs lag above it (default 100).
@@ -96,6 +101,7 @@ class AsyncJobRunner(_RunnerBase):
         heartbeat_interval: float = 10.0,
         lease_duration: float | None = None,
         max_threads: int = 32,
+        max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         slow_phase_threshold: float | None = 10.0,
         loop_lag_threshold_ms: float = 100.0,
         strict_loop: bool = False,
@@ -104,6 +110,7 @@ class AsyncJobRunner(_RunnerBase):
         **engine_options: Any,
     ) -> None:
         super().__init__(
+            max_args_bytes=max_args_bytes,
             registry=registry,
             worker_id=worker_id,
             inline_retry_max_wait=inline_retry_max_wait,
@@ -178,17 +185,18 @@ class AsyncJobRunner(_RunnerBase):
         args: Any = None,
         *,
         idempotency_key: str | None = None,
-        triggered_by: str = "api",
-        external_id: str | None = None,
+        unique_for: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        triggered_by: str = "api",
+        external_id: str | None = None,
+        session: AsyncSession | AsyncConnection | None = None,
     ) -> uuid.UUID:
-        """Validate ``args`` and store a pending execution, due now; returns its id.
-
-        With ``idempotency_key``, a second submit returns the first execution's id.
-        ``queue`` and ``priority`` override the job's. On PostgreSQL the commit wakes
-        idle workers (``LISTEN/NOTIFY``).
-        """
+        """Validate ``args`` and store a pending execution; returns its id (see
+        :meth:`JobRunner.submit`). ``session`` is an ``AsyncSession`` or
+        ``AsyncConnection`` of yours: the execution commits (or not) with your writes."""
         _, row = self._submission(
             job,
             args,
@@ -197,13 +205,20 @@ class AsyncJobRunner(_RunnerBase):
             external_id=external_id,
             queue=queue,
             priority=priority,
+            run_at=run_at,
+            delay=delay,
         )
+        window = _seconds(unique_for, "unique_for")
+
+        def write(conn: Connection) -> uuid.UUID:
+            return q.submit_row(conn, row, unique_for=window)
+
+        if session is not None:
+            execution_id: uuid.UUID = await _in_callers_transaction(session, self.engine, write)
+            on_commit(_sync_of(session), self._submitted)
+            return execution_id
         async with self._phases.tx(single=True) as conn:
-            if idempotency_key is not None:
-                execution_id: uuid.UUID = await conn.run_sync(q.insert_unique, row)
-            else:
-                await conn.run_sync(q.insert_execution, row)
-                execution_id = row["id"]
+            execution_id = await conn.run_sync(write)
         self._submitted()
         return execution_id
 
@@ -213,6 +228,7 @@ class AsyncJobRunner(_RunnerBase):
         args: Any = None,
         *,
         idempotency_key: str | None = None,
+        unique_for: float | timedelta | None = None,
         triggered_by: str = "inline",
         external_id: str | None = None,
     ) -> Execution:
@@ -224,6 +240,7 @@ class AsyncJobRunner(_RunnerBase):
                     job_cls,
                     args,
                     idempotency_key=idempotency_key,
+                    unique_for=unique_for,
                     triggered_by=triggered_by,
                     external_id=external_id,
                 )
@@ -522,3 +539,22 @@ def _interrupter() -> Callable[[], None]:
             loop.call_soon_threadsafe(task.cancel)
 
     return interrupt
+
+
+def _sync_of(session: AsyncSession | AsyncConnection) -> Any:
+    """The sync object under an async session or connection (events live there)."""
+    return session.sync_session if isinstance(session, AsyncSession) else session.sync_connection
+
+
+async def _in_callers_transaction(
+    session: AsyncSession | AsyncConnection,
+    engine: AsyncEngine,
+    write: Callable[[Connection], uuid.UUID],
+) -> uuid.UUID:
+    """Run ``write`` on the caller's connection, inside the caller's transaction."""
+    if isinstance(session, AsyncSession):
+        result: uuid.UUID = await session.run_sync(
+            lambda s: write(caller_connection(s, engine.sync_engine))
+        )
+        return result
+    return await session.run_sync(lambda c: write(caller_connection(c, engine.sync_engine)))

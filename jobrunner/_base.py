@@ -4,6 +4,7 @@ rows, the decisions after a failure, messages. The twins only sequence I/O."""
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from ._attempt import AttemptState, new_row, utcnow
 from ._exceptions import (
     ConfigurationError,
     ExecutionNotFound,
+    InvalidArgs,
     InvalidTransition,
     JobNotFound,
 )
@@ -32,6 +34,9 @@ from ._schema import TERMINAL_STATUSES, ExecutionStatus
 from ._worker import AsyncWorker, SyncWorker, WorkOptions
 
 logger = logging.getLogger("jobrunner")
+
+#: Args larger than this (as JSON) are refused at submit unless a runner says otherwise.
+DEFAULT_MAX_ARGS_BYTES = 1_000_000
 
 IdLike = uuid.UUID | str
 StatusFilter = ExecutionStatus | str | Iterable[ExecutionStatus | str] | None
@@ -108,6 +113,7 @@ class _RunnerBase:
         heartbeat_interval: float = 10.0,
         lease_duration: float | None = None,
         max_threads: int = 32,
+        max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
     ) -> None:
         self.registry = registry if registry is not None else default_registry
         self._slow_phase_ms = None if slow_phase_threshold is None else slow_phase_threshold * 1000
@@ -121,6 +127,13 @@ class _RunnerBase:
         if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
             raise ConfigurationError(f"max_threads must be a positive int, got {max_threads!r}")
         self._max_threads = max_threads
+        if max_args_bytes is not None and (
+            isinstance(max_args_bytes, bool) or not isinstance(max_args_bytes, int)
+        ):
+            raise ConfigurationError(
+                f"max_args_bytes must be an int or None, got {max_args_bytes!r}"
+            )
+        self.max_args_bytes = max_args_bytes
         self._inflight = InFlight()
         self._wakers: set[Callable[[], None]] = set()
         self._worker: SyncWorker | AsyncWorker | None = None
@@ -135,23 +148,40 @@ class _RunnerBase:
         external_id: str | None,
         queue: str | None = None,
         priority: int | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
     ) -> tuple[type[PhasedJob], dict[str, Any]]:
         job_cls = self.registry.resolve(job)
         _warn_if_unimportable(job_cls)
         args_value, args_json = job_cls.validate_args(args)
+        self._check_size(job_cls, args_json)
         row = new_row(
             job_cls,
             args_json,
             execution_id=uuid.uuid4(),
             now=utcnow(),
             triggered_by=triggered_by,
-            idempotency_key=idempotency_key,
+            idempotency_key=_key(idempotency_key),
             external_id=external_id,
             concurrency_key=job_cls.concurrency_key_for(args_value),
             queue=_queue(queue),
             priority=_priority(priority),
+            due_at=_due_at(run_at, delay),
         )
         return job_cls, row
+
+    def _check_size(self, job_cls: type[PhasedJob], args_json: Any) -> None:
+        """Args above ``max_args_bytes`` (as JSON) are refused before anything is stored."""
+        limit = self.max_args_bytes
+        if limit is None:
+            return
+        size = len(json.dumps(args_json, separators=(",", ":"), ensure_ascii=False).encode())
+        if size > limit:
+            raise InvalidArgs(
+                f"args for job {job_cls.name!r} are {size:,} bytes as JSON, above the "
+                f"runner's max_args_bytes of {limit:,}; pass a reference to the data (an "
+                "id, a path, a URL) instead of the data itself, or raise max_args_bytes"
+            )
 
     def stop_work(self, *, now: bool = False) -> None:
         """Ask a running ``work()`` loop to stop (safe from any thread, or a signal handler).
@@ -188,6 +218,7 @@ class _RunnerBase:
         self, job_cls: type[PhasedJob], args: Any, *, triggered_by: str, external_id: str | None
     ) -> AttemptState:
         args_value, args_json = job_cls.validate_args(args)
+        self._check_size(job_cls, args_json)
         state = AttemptState.inline(
             job_cls,
             args_json,
@@ -362,6 +393,41 @@ def _lease(lease_duration: float | None, heartbeat_interval: float) -> float:
             "would let a healthy worker be reaped"
         )
     return float(lease_duration)
+
+
+def _key(idempotency_key: str | None) -> str | None:
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not idempotency_key or len(idempotency_key) > 255
+    ):
+        raise ConfigurationError(
+            f"idempotency_key must be a non-empty string of at most 255 characters, "
+            f"got {idempotency_key!r}"
+        )
+    return idempotency_key
+
+
+def _due_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | float:
+    """When a submitted execution is due: a moment, or seconds from the database's now."""
+    if run_at is not None and delay is not None:
+        raise ConfigurationError("pass run_at or delay, not both")
+    if run_at is not None:
+        if not isinstance(run_at, datetime) or run_at.tzinfo is None:
+            raise ConfigurationError(
+                f"run_at must be an aware datetime (e.g. datetime.now(UTC) + ...), got {run_at!r}"
+            )
+        return run_at
+    seconds = _seconds(delay, "delay")
+    return 0.0 if seconds is None else seconds
+
+
+def _seconds(value: float | timedelta | None, name: str) -> float | None:
+    """Seconds from a number or a timedelta (None stays None); never negative."""
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
+        raise ConfigurationError(f"{name} must be seconds >= 0 or a timedelta, got {value!r}")
+    return float(seconds)
 
 
 def _queue(queue: str | None) -> str | None:

@@ -8,6 +8,7 @@ The tree:
     ├── ExecutionNotFound         (LookupError)   unknown execution id
     ├── JobDefinitionError        (TypeError)     a PhasedJob subclass is malformed
     ├── InvalidArgs               (ValueError)    args fail the job's Args model
+    ├── IdempotencyConflict       (ValueError)    a key reused for other args
     ├── ConfigurationError        (ValueError)    bad URL, bad option, bad retry policy
     ├── DatabaseUnavailable       (ConnectionError) the store cannot be reached
     ├── SchemaMissing             (RuntimeError)  jobrunner tables are not there yet
@@ -68,6 +69,17 @@ class PhaseSessionClosed(JobRunnerError, RuntimeError):
 
 class ResultNotSerializable(JobRunnerError, TypeError):
     """``execute`` returned something that cannot be stored as JSON."""
+
+
+class IdempotencyConflict(JobRunnerError, ValueError):
+    """An idempotency key of a job was used before with other args.
+
+    ``execution_id`` is the execution that holds the key.
+    """
+
+    def __init__(self, message: str, execution_id: object) -> None:
+        super().__init__(message)
+        self.execution_id = execution_id
 
 
 class InvalidTransition(JobRunnerError, RuntimeError):

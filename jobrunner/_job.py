@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import inspect
+import math
 import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, ParamSpec, TypeVar
@@ -257,18 +258,30 @@ class PhasedJob:
             stored = _jsonable(dict(data), f"args for job {cls.name!r}", InvalidArgs)
             return stored, stored
         try:
-            if isinstance(args, cls.Args):
-                model = cls.Args.model_validate(args.model_dump())
-            else:
-                model = cls.Args.model_validate({} if args is None else args)
+            # An instance is validated as it is (not dumped and re-read, which breaks on
+            # field aliases); a mapping is read the way a worker will read it back.
+            model = cls.Args.model_validate({} if args is None else args)
         except pydantic.ValidationError as exc:
             raise InvalidArgs(f"invalid args for job {cls.name!r}: {_summary(exc)}") from exc
-        return model, model.model_dump(mode="json")
+        # Stored by alias, so the worker's model_validate() reads it back exactly: args
+        # stored by field name fail an aliased model's validation after the fact.
+        stored = model.model_dump(mode="json", by_alias=True)
+        _check_storable(stored, None, f"args for job {cls.name!r}", InvalidArgs)
+        return model, stored
 
     @classmethod
     def dump_result(cls, result: Any) -> Any:
-        """The JSON form of ``execute``'s result, as it is checkpointed."""
-        return _jsonable(result, f"the result of {cls.name!r}.execute", ResultNotSerializable)
+        """The JSON form of ``execute``'s result, as it is checkpointed.
+
+        With a ``Result`` model the result goes through it (by alias), so ``record`` gets
+        back exactly what ``execute`` returned; sets are fine there.
+        """
+        what = f"the result of {cls.name!r}.execute"
+        if cls.Result is not None and isinstance(result, cls.Result):
+            data = result.model_dump(mode="json", by_alias=True)
+            _check_storable(data, None, what, ResultNotSerializable)
+            return data
+        return _jsonable(result, what, ResultNotSerializable)
 
     @classmethod
     def restore_result(cls, stored: Any) -> Any:
@@ -280,12 +293,73 @@ class PhasedJob:
 
 def _jsonable(value: Any, what: str, error: type[Exception]) -> Any:
     try:
-        return pydantic_core.to_jsonable_python(value)
+        data = pydantic_core.to_jsonable_python(value)
     except pydantic_core.PydanticSerializationError as exc:
         raise error(
             f"{what} is not JSON-serialisable ({exc}); return plain data (dict, list, str, "
             "numbers), a dataclass or a pydantic model"
         ) from exc
+    _check_storable(data, value, what, error)
+    return data
+
+
+def _check_storable(data: Any, original: Any, what: str, error: type[Exception]) -> None:
+    """Refuse what one backend would store and the other reject, or what would not come
+    back as it went in: the same error on SQLite and PostgreSQL, before any side effect."""
+    problem = _unstorable(data, "") or _set_inside(original, "")
+    if problem is not None:
+        raise error(f"{what} cannot be stored: {problem}")
+
+
+#: JSONB turns floats written with an exponent (Python writes 1e16 and above that way)
+#: into plain integers, which read back as other numbers: refused on every backend.
+_FLOAT_DIGITS_LIMIT = 1e16
+
+
+def _unstorable(value: Any, where: str) -> str | None:
+    """NaN, ±Infinity and NUL characters: JSON (and PostgreSQL's JSONB) has no place for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} at {where or 'the top'} is not a JSON number; use None or a string"
+    if isinstance(value, float) and abs(value) >= _FLOAT_DIGITS_LIMIT:
+        return (
+            f"the float {value!r} at {where or 'the top'} would come back from PostgreSQL "
+            "(JSONB) as a different integer; pass it as an int or a string"
+        )
+    if isinstance(value, str) and "\x00" in value:
+        return f"a NUL character (\\x00) in the string at {where or 'the top'}"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if "\x00" in str(key):
+                return f"a NUL character (\\x00) in the key {key!r}"
+            found = _unstorable(item, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unstorable(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _set_inside(value: Any, where: str) -> str | None:
+    """A set comes back from JSON as a list: refused rather than changed on the way."""
+    if isinstance(value, set | frozenset):
+        return (
+            f"a set at {where or 'the top'} would come back as a list; return a (sorted) "
+            "list, or declare a Result model with a set field"
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _set_inside(item, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _set_inside(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _summary(exc: pydantic.ValidationError) -> str:

@@ -39,6 +39,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from ._clock import after, db_now, seconds
+from ._exceptions import IdempotencyConflict
 from ._lifecycle import Event, sources, target, target_of
 from ._records import Attempt, Execution, JobStats
 from ._schema import ExecutionStatus, attempts, executions, metadata
@@ -116,19 +117,64 @@ def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
     conn.execute(stmt, params)
 
 
-def insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID:
-    """Insert an execution with an idempotency key, or return the id already holding it.
+def submit_row(
+    conn: Connection, values: Mapping[str, Any], *, unique_for: float | None = None
+) -> uuid.UUID:
+    """Store a submitted execution; with an idempotency key, at most one per (job, key).
 
-    ``INSERT ... ON CONFLICT DO NOTHING`` on the unique key, so concurrent submitters
-    race safely: exactly one row is created, everybody gets its id.
+    ``INSERT ... ON CONFLICT DO NOTHING`` on (job, key), so concurrent submitters race
+    safely: exactly one row is created, everybody gets its id. The key stands for one
+    request: the same key with other args raises :class:`IdempotencyConflict`. With
+    ``unique_for`` (seconds), a key whose execution was created longer ago than that is
+    released (cleared on the old row) and used again for a new execution.
     """
+    if values.get("idempotency_key") is None:
+        insert_execution(conn, values)
+        return uuid.UUID(str(values["id"]))
+    while True:
+        inserted = _insert_unique(conn, values)
+        if inserted is not None:
+            return inserted
+        existing = conn.execute(
+            select(E.id, E.args).where(
+                E.job == values["job"], E.idempotency_key == values["idempotency_key"]
+            )
+        ).first()
+        if existing is None:
+            continue  # released by someone else meanwhile: insert again
+        if existing.args != values["args"]:
+            raise IdempotencyConflict(
+                f"idempotency key {values['idempotency_key']!r} of job {values['job']!r} "
+                f"was used by execution {existing.id} with other args; a key stands for "
+                "one request: use a new key for new args (or unique_for= to reuse keys "
+                "after a while)",
+                existing.id,
+            )
+        if unique_for is None or not _release_key(conn, existing.id, unique_for):
+            return uuid.UUID(str(existing.id))
+
+
+def _insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID | None:
+    """Insert unless the (job, key) is taken; the new id, or None."""
     params, relative = _clock_params(values)
     stmt = _insert_statement(conn.dialect.name, _columns(params), relative, True, True)
     inserted = conn.execute(stmt, params).first()
-    if inserted is not None:
-        return uuid.UUID(str(inserted[0]))
-    existing = select(E.id).where(E.idempotency_key == values["idempotency_key"])
-    return uuid.UUID(str(conn.execute(existing).scalar_one()))
+    return None if inserted is None else uuid.UUID(str(inserted[0]))
+
+
+def _release_key(conn: Connection, execution_id: uuid.UUID, unique_for: float) -> bool:
+    """Clear the key of an execution created more than ``unique_for`` seconds ago."""
+    stmt = (
+        sa_update(executions)
+        .where(
+            E.id == execution_id,
+            E.idempotency_key.is_not(None),
+            E.created_at < seconds(-float(unique_for)),
+        )
+        .values(idempotency_key=None)
+        .returning(E.id)
+    )
+    return conn.execute(stmt).first() is not None
 
 
 _RELATIVE = ("due_at", "lease_expires_at")
@@ -161,7 +207,7 @@ def _insert_statement(
     values.update({key: after(f"{key}_s") for key in relative})
     stmt = table_insert(executions).values(values)
     if unique:
-        stmt = stmt.on_conflict_do_nothing(index_elements=[E.idempotency_key])
+        stmt = stmt.on_conflict_do_nothing(index_elements=[E.job, E.idempotency_key])
     if notify and dialect == "postgresql":
         inserted = stmt.returning(E.id, E.queue).cte("inserted")
         return select(inserted.c.id, func.pg_notify(NOTIFY_CHANNEL, inserted.c.queue)).select_from(

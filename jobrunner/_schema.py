@@ -146,7 +146,8 @@ executions = Table(
     ),
     Index("ix_jobrunner_executions_job_status", "job", "status"),
     Index("ix_jobrunner_executions_created_at", "created_at"),
-    Index("ux_jobrunner_executions_idempotency_key", "idempotency_key", unique=True),
+    # An idempotency key means one request of one job: unique per job, not across jobs.
+    Index("ux_jobrunner_executions_job_idempotency_key", "job", "idempotency_key", unique=True),
 )
 
 attempts = Table(

@@ -7,10 +7,11 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._exceptions import JobRunnerError, PhaseSessionClosed
+from ._exceptions import ConfigurationError, JobRunnerError, PhaseSessionClosed
 
 
 class PhaseSession(Session):
@@ -114,3 +115,36 @@ def _loop_running() -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def caller_connection(target: Session | Connection, engine: Engine) -> Connection:
+    """The connection of a caller's session (or the caller's connection) for a submit in
+    the caller's transaction; refused if it is not on the runner's database."""
+    conn = target.connection() if isinstance(target, Session) else target
+    if not isinstance(conn, Connection):
+        raise ConfigurationError(
+            f"session= takes a Session or a Connection (AsyncSession or AsyncConnection "
+            f"with AsyncJobRunner), got {type(target).__name__}"
+        )
+    mine, theirs = engine.url, conn.engine.url
+    same = (mine.get_backend_name(), mine.host, mine.port, mine.database) == (
+        theirs.get_backend_name(),
+        theirs.host,
+        theirs.port,
+        theirs.database,
+    )
+    if not same:
+        raise ConfigurationError(
+            f"session= is on {theirs.render_as_string(hide_password=True)}, but the runner "
+            f"stores executions in {mine.render_as_string(hide_password=True)}; a submit "
+            "can share a transaction only with a session on the same database"
+        )
+    if not conn.in_transaction():
+        conn.begin()  # autobegin, as the caller's next statement would
+    return conn
+
+
+def on_commit(target: Any, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once, after the caller's transaction commits (never on rollback)."""
+    name = "after_commit" if isinstance(target, Session) else "commit"
+    event.listen(target, name, lambda *_: callback(), once=True)

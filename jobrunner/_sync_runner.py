@@ -9,12 +9,14 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 from . import _queries as q
 from ._attempt import AttemptState
 from ._base import (
+    DEFAULT_MAX_ARGS_BYTES,
     IdLike,
     StatusFilter,
     _as_id,
@@ -22,6 +24,7 @@ from ._base import (
     _missing,
     _prune_plan,
     _RunnerBase,
+    _seconds,
     _since,
     _statuses,
 )
@@ -33,7 +36,7 @@ from ._job import PhasedJob
 from ._phases import SyncPhases, make_job
 from ._records import Attempt, Execution, JobStats
 from ._registry import JobRef, Registry
-from ._session import SessionScope
+from ._session import SessionScope, caller_connection, on_commit
 from ._threads import DaemonPool
 from ._worker import SyncWorker, WorkOptions
 
@@ -64,6 +67,8 @@ class JobRunner(_RunnerBase):
             execution whose lease expires is recovered by :meth:`reap`.
         max_threads: the runner's own thread pool, for sync executes with a timeout
             (default 32; a worker grows it to its concurrency).
+        max_args_bytes: args larger than this as JSON are refused at submit with
+            :class:`InvalidArgs` (default 1,000,000; None: no limit).
         slow_phase_threshold: log phases longer than this many seconds (None: never).
         **engine_options: passed to ``create_engine`` (``pool_size``, ``max_overflow``,
             ``busy_timeout`` in seconds for SQLite, ...).
@@ -83,10 +88,12 @@ class JobRunner(_RunnerBase):
         heartbeat_interval: float = 10.0,
         lease_duration: float | None = None,
         max_threads: int = 32,
+        max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         slow_phase_threshold: float | None = 10.0,
         **engine_options: Any,
     ) -> None:
         super().__init__(
+            max_args_bytes=max_args_bytes,
             registry=registry,
             worker_id=worker_id,
             inline_retry_max_wait=inline_retry_max_wait,
@@ -144,16 +151,28 @@ class JobRunner(_RunnerBase):
         args: Any = None,
         *,
         idempotency_key: str | None = None,
-        triggered_by: str = "api",
-        external_id: str | None = None,
+        unique_for: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        triggered_by: str = "api",
+        external_id: str | None = None,
+        session: Session | Connection | None = None,
     ) -> uuid.UUID:
-        """Validate ``args`` and store a pending execution, due now; returns its id.
+        """Validate ``args`` and store a pending execution; returns its id.
 
-        With ``idempotency_key``, a second submit returns the first execution's id.
-        ``queue`` and ``priority`` override the job's. On PostgreSQL the commit wakes
-        idle workers (``LISTEN/NOTIFY``).
+        ``run_at`` (an aware datetime) or ``delay`` (seconds or a timedelta) make it due
+        later; it is due at once otherwise. ``queue`` and ``priority`` override the job's.
+
+        ``idempotency_key``: one execution per key and job. Submitting the key again
+        returns the first execution's id; with other args it raises
+        :class:`IdempotencyConflict`. ``unique_for`` lets the key be used again once the
+        execution holding it is older than that.
+
+        ``session``: a ``Session`` or ``Connection`` of yours, on the same database: the
+        execution is written in *your* transaction, so it exists if and only if your
+        writes commit (the outbox pattern). Workers are woken when you commit.
         """
         _, row = self._submission(
             job,
@@ -163,13 +182,17 @@ class JobRunner(_RunnerBase):
             external_id=external_id,
             queue=queue,
             priority=priority,
+            run_at=run_at,
+            delay=delay,
         )
+        window = _seconds(unique_for, "unique_for")
+        if session is not None:
+            conn = caller_connection(session, self.engine)
+            execution_id = q.submit_row(conn, row, unique_for=window)
+            on_commit(session, self._submitted)
+            return execution_id
         with self._phases.tx(single=True) as conn:
-            if idempotency_key is not None:
-                execution_id = q.insert_unique(conn, row)
-            else:
-                q.insert_execution(conn, row)
-                execution_id = row["id"]
+            execution_id = q.submit_row(conn, row, unique_for=window)
         self._submitted()
         return execution_id
 
@@ -179,6 +202,7 @@ class JobRunner(_RunnerBase):
         args: Any = None,
         *,
         idempotency_key: str | None = None,
+        unique_for: float | timedelta | None = None,
         triggered_by: str = "inline",
         external_id: str | None = None,
     ) -> Execution:
@@ -196,6 +220,7 @@ class JobRunner(_RunnerBase):
                     job_cls,
                     args,
                     idempotency_key=idempotency_key,
+                    unique_for=unique_for,
                     triggered_by=triggered_by,
                     external_id=external_id,
                 )

@@ -18,7 +18,7 @@ from ._parse import (
     parse_statuses,
     parse_window,
 )
-from ._tables import attempts_table, details, executions_table, jobs_table, stats_table
+from ._tables import attempts_table, details, executions_table, jobs_table, shorten, stats_table
 
 
 @one_line_errors
@@ -58,7 +58,14 @@ def list_(
 
 
 @one_line_errors
-def show(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = False) -> None:
+def show(
+    ctx: typer.Context,
+    execution_id: IdArgument,
+    full: Annotated[
+        bool, typer.Option("--full", help="Print long args, results and tracebacks whole.")
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
     """Everything about one execution, then its attempt ledger."""
     with open_runner(ctx) as runner:
         execution = runner.get(parse_execution_id(runner, execution_id))
@@ -71,9 +78,9 @@ def show(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = Fal
             }
         )
         return
-    console.print(details(execution))
+    console.print(details(execution, full=full))
     if execution.error_traceback:
-        console.print(Text(execution.error_traceback.rstrip(), style="dim"))
+        console.print(Text(shorten(execution.error_traceback.rstrip(), full=full), style="dim"))
     console.print(attempts_table(ledger) if ledger else "No attempts recorded yet.")
 
 

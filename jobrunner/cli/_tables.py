@@ -134,8 +134,19 @@ def attempts_table(attempts: list[Attempt]) -> Table:
     return table
 
 
-def details(e: Execution) -> Table:
-    """Everything about one execution, a field a row."""
+#: Longer values are shortened in ``show`` unless ``--full`` is given.
+SHOWN_CHARACTERS = 2_000
+
+
+def shorten(text: str, *, full: bool = False, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text``, or its start and how much was left out (``--full`` shows all)."""
+    if full or len(text) <= limit:
+        return text
+    return f"{text[:limit]} … ({len(text) - limit:,} more characters; --full shows all)"
+
+
+def details(e: Execution, *, full: bool = False) -> Table:
+    """Everything about one execution, a field a row (long values shortened)."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
@@ -156,8 +167,11 @@ def details(e: Execution) -> Table:
             f"load {_ms(e.load_ms)} · execute {_ms(e.execute_ms)} · record {_ms(e.record_ms)}",
         ),
         ("max loop lag", _ms(e.max_loop_lag_ms)),
-        ("args", Text(_json_text(e.args))),
-        ("checkpoint", Text(_json_text(e.result)) if e.checkpointed else "-"),
+        ("args", Text(shorten(_json_text(e.args), full=full))),
+        (
+            "checkpoint",
+            Text(shorten(_json_text(e.result), full=full)) if e.checkpointed else "-",
+        ),
     ]
     optional = {
         "due": _when(e.due_at) if e.status.value in ("pending", "retrying") else None,
