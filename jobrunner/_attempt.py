@@ -329,4 +329,6 @@ def new_row(
         "checkpointed": False,
         "queue": queue or job_cls.queue,
         "priority": job_cls.priority if priority is None else priority,
+        "dispatch": None,
+        "dispatched_at": None,
     }

@@ -177,7 +177,7 @@ def _release_key(conn: Connection, execution_id: uuid.UUID, unique_for: float) -
     return conn.execute(stmt).first() is not None
 
 
-_RELATIVE = ("due_at", "lease_expires_at")
+_RELATIVE = ("due_at", "lease_expires_at", "dispatched_at")
 
 
 def _clock_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -411,6 +411,7 @@ def _claim_where(with_queues: bool) -> list[Any]:
         _CLAIMABLE,
         E.due_at <= db_now(),
         E.job.in_(bindparam("jobs", expanding=True)),
+        E.dispatch.is_(None),  # a broker's executions are sent to it, not claimed here
     ]
     if with_queues:
         where.append(E.queue.in_(bindparam("queues", expanding=True)))
@@ -820,6 +821,7 @@ def _reap_one(conn: Connection, row: Any) -> Execution | None:
             lease_expires_at=None,
             due_at=case((or_(cancel, last), E.due_at), else_=db_now()),
             finished_at=case((or_(cancel, last), db_now()), else_=None),
+            dispatched_at=None,  # a broker's execution: the relay sends it again soon
             error_type="jobrunner.WorkerLost",
             error_message=message,
             error_traceback=None,
@@ -958,30 +960,96 @@ def find_ids_by_prefix(conn: Connection, prefix: str, *, limit: int = 2) -> list
     return list(conn.execute(stmt).scalars())
 
 
-# -- queue integrations (Celery) ---------------------------------------------------------------
+# -- queue integrations (Celery): the outbox ---------------------------------------------------
+
+#: Advisory lock key of the relay: one relay at a time per database ("jrrl").
+_RELAY_LOCK = 0x6A72726C
 
 
-def mark_due(conn: Connection, execution_id: uuid.UUID, in_seconds: float = 0.0) -> bool:
-    """Make a waiting execution due ``in_seconds`` from the database's now.
+def mark_dispatched(conn: Connection, execution_id: uuid.UUID, *, sent: bool) -> bool:
+    """Record that a waiting execution's message was sent now (or was not, after all).
 
-    For a queue message that could not be sent: the row is not orphaned. False when
-    the execution is no longer waiting (it ran, or was cancelled, meanwhile).
+    False when the execution is no longer waiting (it ran, or was cancelled, meanwhile).
     """
     stmt = (
         sa_update(executions)
         .where(E.id == execution_id, _CLAIMABLE)
-        .values(due_at=seconds(in_seconds))
+        .values(dispatched_at=db_now() if sent else None)
         .returning(E.id)
     )
     return conn.execute(stmt).first() is not None
 
 
+def relay_due(
+    conn: Connection,
+    *,
+    dispatch: str,
+    visibility_s: float,
+    grace_s: float,
+    lookahead_s: float,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Waiting executions of ``dispatch`` whose message must be sent (again), marked sent.
+
+    Those never sent (created more than ``grace_s`` ago: the process that wrote them died
+    before sending, or the broker was down), and those sent more than ``visibility_s``
+    ago that have not started (the message was lost, or acked away). Only what is due
+    within ``lookahead_s`` (the rest is sent closer to its time). The caller sends each
+    after this transaction commits. One relay at a time per database on PostgreSQL;
+    candidates are locked with SKIP LOCKED.
+    """
+    if (
+        conn.dialect.name == "postgresql"
+        and not conn.execute(select(func.pg_try_advisory_xact_lock(_RELAY_LOCK))).scalar()
+    ):
+        return []
+    # A message sent for a later due time is waited for until then, plus the window.
+    waited_since = case((E.dispatched_at > E.due_at, E.dispatched_at), else_=E.due_at)
+    lost = or_(
+        and_(
+            E.dispatched_at.is_(None),
+            E.created_at < seconds(-grace_s),
+            E.due_at <= seconds(lookahead_s),
+        ),
+        and_(E.dispatched_at.is_not(None), waited_since < seconds(-visibility_s)),
+    )
+    rows = (
+        conn.execute(
+            select(E.id, E.job, E.handler, E.due_at, db_now().label("db_now"))
+            .where(E.dispatch == dispatch, _CLAIMABLE, lost)
+            .order_by(E.due_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        .mappings()
+        .all()
+    )
+    if rows:
+        conn.execute(
+            sa_update(executions)
+            .where(E.id.in_([r["id"] for r in rows]))
+            .values(dispatched_at=db_now())
+        )
+    return [dict(r) for r in rows]
+
+
 def set_external_id(conn: Connection, execution_id: uuid.UUID, external_id: str) -> bool:
-    """Point a waiting execution at the queue message that will run it next."""
+    """Point a waiting execution at the queue message that will run it next (sent now)."""
     stmt = (
         sa_update(executions)
         .where(E.id == execution_id, _CLAIMABLE)
-        .values(external_id=external_id)
+        .values(external_id=external_id, dispatched_at=db_now())
+        .returning(E.id)
+    )
+    return conn.execute(stmt).first() is not None
+
+
+def mark_due(conn: Connection, execution_id: uuid.UUID, in_seconds: float = 0.0) -> bool:
+    """Make a waiting execution due ``in_seconds`` from the database's now."""
+    stmt = (
+        sa_update(executions)
+        .where(E.id == execution_id, _CLAIMABLE)
+        .values(due_at=seconds(in_seconds))
         .returning(E.id)
     )
     return conn.execute(stmt).first() is not None

@@ -39,6 +39,8 @@ class Execution:
     heartbeat_at: datetime | None
     lease_expires_at: datetime | None
     due_at: datetime | None
+    dispatch: str | None
+    dispatched_at: datetime | None
     load_ms: float | None
     execute_ms: float | None
     record_ms: float | None

@@ -119,6 +119,8 @@ executions = Table(
     Column("heartbeat_at", UTCDateTime()),
     Column("lease_expires_at", UTCDateTime()),
     Column("due_at", UTCDateTime()),
+    Column("dispatch", String(32)),
+    Column("dispatched_at", UTCDateTime()),
     Column("load_ms", Float),
     Column("execute_ms", Float),
     Column("record_ms", Float),
@@ -143,6 +145,14 @@ executions = Table(
         "lease_expires_at",
         postgresql_where=literal_column("status = 'running'"),
         sqlite_where=literal_column("status = 'running'"),
+    ),
+    # The relay: executions a broker should run, by when their message was last sent.
+    Index(
+        "ix_jobrunner_executions_dispatch",
+        "dispatch",
+        "dispatched_at",
+        postgresql_where=literal_column("status IN ('pending', 'retrying')"),
+        sqlite_where=literal_column("status IN ('pending', 'retrying')"),
     ),
     Index("ix_jobrunner_executions_job_status", "job", "status"),
     Index("ix_jobrunner_executions_created_at", "created_at"),

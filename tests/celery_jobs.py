@@ -140,3 +140,36 @@ class Tick(PhasedJob):
 
     def execute(self, args: Args) -> int:
         return args.n
+
+
+class Counted(PhasedJob):
+    """Counts each execute in the notes table (committed at once): 'executed:<id>'."""
+
+    name = "tests.celery.counted"
+
+    class Args(BaseModel):
+        n: int
+
+    def execute(self, args: Args) -> int:
+        with self.session() as session:
+            _note(session, f"executed:{self.execution_id}")
+        return args.n
+
+
+class Exclusive(PhasedJob):
+    """One at a time: notes how many of its executions were running when it started."""
+
+    name = "tests.celery.exclusive"
+    max_concurrency = 1
+
+    class Args(BaseModel):
+        n: int
+
+    def execute(self, args: Args) -> int:
+        with self.session() as session:
+            running = session.execute(sa.text(
+                "select count(*) from jobrunner_executions "
+                "where job = 'tests.celery.exclusive' and status = 'running'")).scalar_one()
+            _note(session, f"exclusive:{self.execution_id}:{running}")
+        time.sleep(0.2)
+        return args.n

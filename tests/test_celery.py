@@ -339,17 +339,18 @@ def test_solo_and_threads_pools_keep_one_loop(pool: str, broker_url: str, tmp_pa
 # -- enqueue and install, against the real broker ---------------------------------------------
 
 
-def test_enqueue_with_broker_down_marks_row_due(backend: Backend) -> None:
-    """If the message can't be sent, the row is due for run_due() and the error is clear."""
+def test_enqueue_with_broker_down_keeps_the_row_for_the_relay(backend: Backend) -> None:
+    """If the message can't be sent the error is clear and the row stays, marked unsent,
+    for the relay (a jobrunner worker leaves Celery's executions to Celery)."""
     app = Celery("down", broker=f"redis://127.0.0.1:{free_port()}/0")
     app.conf.update(task_publish_retry_policy={"max_retries": 1, "interval_start": 0})
     jobs = install(app, database_url=backend.url)
-    with pytest.raises(EnqueueFailed, match="jobrunner worker") as info:
+    with pytest.raises(EnqueueFailed, match="the relay") as info:
         jobs.enqueue(f"{JOB}.tick", {"n": 5})
     execution = jobs.runner.get(info.value.execution_id)
-    assert execution.status is ExecutionStatus.PENDING and execution.due_at is not None
-    [ran] = jobs.runner.run_due()
-    assert ran.id == execution.id and ran.succeeded and ran.result == 5
+    assert execution.status is ExecutionStatus.PENDING
+    assert execution.dispatch == "celery" and execution.dispatched_at is None
+    assert jobs.runner.run_due() == []  # Celery's, not a jobrunner worker's
     jobs.close()
 
 
@@ -440,7 +441,8 @@ def test_howto_page_blocks_run(tmp_path: Path) -> None:
     namespace: dict[str, Any] = {"__name__": "docs_celery_howto"}
     exec(compile("\n\n".join(blocks), "docs/howto/celery.md", "exec"), namespace)
     app, jobs = namespace["app"], namespace["jobs"]
-    assert set(app.conf.beat_schedule) == {"jobrunner:howto.count_words", "monday-greeting"}
+    assert set(app.conf.beat_schedule) == {
+        "jobrunner:howto.count_words", "monday-greeting", "jobrunner-relay"}
     app.conf.broker_url = "memory://"
     jobs.database_url = f"sqlite:///{tmp_path / 'howto.db'}"
     jobs.runner.create_schema()

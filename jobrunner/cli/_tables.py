@@ -176,6 +176,13 @@ def details(e: Execution, *, full: bool = False) -> Table:
     optional = {
         "due": _when(e.due_at) if e.status.value in ("pending", "retrying") else None,
         "lease expires": _when(e.lease_expires_at) if e.status.value == "running" else None,
+        "dispatch": (
+            f"{e.dispatch} (message sent {_when(e.dispatched_at)})"
+            if e.dispatch and e.dispatched_at
+            else f"{e.dispatch} (message not sent yet)"
+            if e.dispatch
+            else None
+        ),
         "idempotency key": e.idempotency_key,
         "external id": e.external_id,
         "concurrency key": e.concurrency_key,

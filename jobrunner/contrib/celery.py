@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import datetime as dt
 import logging
 import os
+import random
 import threading
 import uuid
 import weakref
@@ -35,13 +37,23 @@ from typing import Any, TypeVar
 
 from .. import _queries as q
 from .._attempt import utcnow
+from .._base import _seconds
 from .._exceptions import ConfigurationError, DatabaseUnavailable, JobNotFound, JobRunnerError
 from .._job import PhasedJob
 from .._records import Execution
 from .._registry import JobRef, Registry, default_registry
 from .._runner import AsyncJobRunner, JobRunner
+from .._session import caller_connection, on_commit
 
-__all__ = ["RECOMMENDED_SETTINGS", "TASK_NAME", "CeleryJobs", "EnqueueFailed", "install"]
+__all__ = [
+    "DISPATCH",
+    "RECOMMENDED_SETTINGS",
+    "RELAY_TASK_NAME",
+    "TASK_NAME",
+    "CeleryJobs",
+    "EnqueueFailed",
+    "install",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +61,8 @@ T = TypeVar("T")
 
 #: The one task every execution runs through.
 TASK_NAME = "jobrunner.run_execution"
+#: The relay's task, on the beat schedule: sends again what was never sent or started.
+RELAY_TASK_NAME = "jobrunner.relay"
 
 #: Applied by :func:`install` as defaults: anything the app configures wins.
 RECOMMENDED_SETTINGS: dict[str, Any] = {
@@ -61,6 +75,29 @@ RECOMMENDED_SETTINGS: dict[str, Any] = {
 }
 
 _CLAIMABLE = ("pending", "retrying")
+
+#: The ``dispatch`` of executions Celery runs (the relay looks for them).
+DISPATCH = "celery"
+#: Seconds (doubled at random) before a task whose job was at its limit comes back.
+_LIMIT_BACKOFF = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Message:
+    """The Celery message of one execution."""
+
+    execution_id: uuid.UUID
+    task_id: str
+    job_ref: str
+
+
+def _wait_of(due: Any) -> float:
+    """Seconds until a row's ``due_at`` (a moment, or seconds from now)."""
+    if isinstance(due, dt.datetime):
+        return max(0.0, (due - utcnow()).total_seconds())
+    return float(due or 0.0)
+
+
 _INSTALL_HINT = "pip install 'jobrunner[celery]'"
 
 #: Retries whose wait ended this run, collected for sending after it (never on the loop).
@@ -175,10 +212,19 @@ class CeleryJobs:
         database_url: str | None,
         registry: Registry,
         runner_options: dict[str, Any],
+        relay_interval: float = 10.0,
+        visibility: float = 300.0,
+        grace: float = 10.0,
     ) -> None:
         self.app = app
         self.database_url = database_url
         self.registry = registry
+        #: The relay's period, and how far ahead it sends scheduled executions.
+        self.relay_interval = relay_interval
+        #: Seconds a sent execution may wait in the broker before the relay sends it again.
+        self.visibility = visibility
+        #: Seconds a never-sent execution is left to its own enqueue before the relay sends it.
+        self.grace = grace
         self._user_hook: Callable[[Execution], None] | None = runner_options.pop(
             "on_retry_scheduled", None
         )
@@ -241,63 +287,127 @@ class CeleryJobs:
         args: Any = None,
         *,
         idempotency_key: str | None = None,
+        unique_for: float | dt.timedelta | None = None,
+        run_at: dt.datetime | None = None,
+        delay: float | dt.timedelta | None = None,
         countdown: float | None = None,
+        session: Any = None,
         triggered_by: str = "celery",
         **apply_async_options: Any,
     ) -> uuid.UUID:
-        """Store a pending execution (its own commit), then send its Celery task.
+        """Store a pending execution for Celery, then send its task; returns its id.
 
-        Returns the execution id; the Celery task id is the execution's ``external_id``.
-        ``countdown`` and other ``apply_async`` options (``queue``, ``priority``, ``eta``,
-        ...) go to Celery. With an ``idempotency_key`` already used, the first execution's
-        id is returned and nothing is sent. If the broker cannot be reached the row is
-        marked due for ``run_due()`` and :class:`EnqueueFailed` is raised.
+        The row is written first and carries ``dispatch = "celery"``: it is never
+        invisible to recovery. If the message is never sent (the process dies, the broker
+        is down) or never starts within the visibility window, :meth:`relay` sends it
+        again. ``run_at``/``delay`` (``countdown`` is the same as ``delay``) schedule it;
+        other ``apply_async`` options (``queue``, ``priority``, ...) go to Celery.
+
+        ``session``: a ``Session`` or ``Connection`` of yours on the same database; the
+        row is written in your transaction and the message sent only after you commit
+        (never if you roll back). With an ``idempotency_key`` already used, the first
+        execution's id is returned and nothing is sent. If the broker cannot be reached,
+        :class:`EnqueueFailed` is raised: the row stays, and the relay sends it later.
         """
         runner = self.runner
-        job_cls = self.registry.resolve(job)
         task_id = str(uuid.uuid4())
-        execution_id = runner.submit(
-            job_cls,
+        job_cls, row = runner._submission(
+            job,
             args,
             idempotency_key=idempotency_key,
             triggered_by=triggered_by,
             external_id=task_id,
+            run_at=run_at,
+            delay=delay if delay is not None else countdown,
         )
-        if idempotency_key is not None and runner.get(execution_id).external_id != task_id:
+        row["dispatch"] = DISPATCH
+        wait = _wait_of(row["due_at"])
+        window = _seconds(unique_for, "unique_for")
+        message = _Message(row["id"], task_id, _portable_ref(job_cls.name, job_cls.handler))
+        if session is not None:
+            conn = caller_connection(session, runner.engine)
+            execution_id = q.submit_row(conn, row, unique_for=window)
+            if execution_id == row["id"]:  # sent once the caller commits, never before
+                on_commit(session, lambda: self._send_quietly(message, wait, apply_async_options))
+            return execution_id
+        row["dispatched_at"] = 0.0  # sent right below; if not, marked unsent at once
+        with runner._phases.tx(single=True) as conn:
+            execution_id = q.submit_row(conn, row, unique_for=window)
+        if execution_id != row["id"]:
             return execution_id  # submitted (and sent) before
-        self._send(
-            execution_id,
-            task_id,
-            _portable_ref(job_cls.name, job_cls.handler),
-            countdown=countdown,
-            **apply_async_options,
-        )
+        self._send(message, countdown=wait, **apply_async_options)
         return execution_id
 
-    def _send(
-        self,
-        execution_id: uuid.UUID,
-        task_id: str,
-        job_ref: str,
-        *,
-        countdown: float | None,
-        **options: Any,
-    ) -> None:
+    def _send(self, message: _Message, *, countdown: float | None, **options: Any) -> None:
         # The job rides along so the worker picks its runner without reading the row first.
-        kwargs = {"job": job_ref}
+        kwargs = {"job": message.job_ref}
         try:
             self.task.apply_async(
-                (str(execution_id),), kwargs, task_id=task_id, countdown=countdown, **options
+                (str(message.execution_id),),
+                kwargs,
+                task_id=message.task_id,
+                countdown=countdown,
+                **options,
             )
         except Exception as exc:
-            with self.runner.engine.begin() as conn:
-                q.mark_due(conn, execution_id, countdown or 0.0)
+            with self.runner._phases.tx(single=True) as conn:
+                q.mark_dispatched(conn, message.execution_id, sent=False)
             raise EnqueueFailed(
-                f"execution {execution_id} is stored but its Celery message could not be "
-                f"sent ({type(exc).__name__}: {exc}); it is due in {countdown or 0:g}s, so "
-                "a jobrunner worker (`jobrunner worker`) or runner.run_due() will run it",
-                execution_id,
+                f"execution {message.execution_id} is stored but its Celery message could "
+                f"not be sent ({type(exc).__name__}: {exc}); the relay (jobs.relay(), on "
+                "the beat schedule) sends it once the broker is back",
+                message.execution_id,
             ) from exc
+
+    def _send_quietly(self, message: _Message, wait: float, options: dict[str, Any]) -> None:
+        """After the caller's commit: send, and record it; a failure is the relay's job."""
+        try:
+            self._send(message, countdown=wait, **options)
+        except EnqueueFailed:
+            logger.warning("jobrunner: %s; the relay will send it", message.execution_id)
+            return
+        with self.runner._phases.tx(single=True) as conn:
+            q.mark_dispatched(conn, message.execution_id, sent=True)
+
+    # -- the relay (outbox) ----------------------------------------------------------------------
+
+    def relay(self, *, limit: int = 500) -> int:
+        """Send what should be in Celery and is not: returns how many were sent.
+
+        Executions whose message was never sent (the enqueuing process died between
+        commit and publish, or the broker was down), or that did not start within
+        ``visibility`` seconds of their message (lost, or acked away). Safe to call from
+        every process: one relays at a time on PostgreSQL. Also reaps expired leases, so a
+        Celery-only deployment needs no other process. :func:`install` puts it on the
+        beat schedule every ``relay_interval`` seconds.
+        """
+        runner = self.runner
+        runner.reap()
+        with runner._phases.tx() as conn:
+            rows = q.relay_due(
+                conn,
+                dispatch=DISPATCH,
+                visibility_s=self.visibility,
+                grace_s=self.grace,
+                lookahead_s=self.relay_interval,
+                limit=limit,
+            )
+        sent = 0
+        for row in rows:
+            task_id = str(uuid.uuid4())
+            with runner._phases.tx(single=True) as conn:
+                q.set_external_id(conn, row["id"], task_id)
+            wait = max(0.0, (row["due_at"] - row["db_now"]).total_seconds())
+            message = _Message(row["id"], task_id, _portable_ref(row["job"], row["handler"]))
+            try:
+                self._send(message, countdown=wait)
+            except EnqueueFailed as exc:
+                logger.warning("jobrunner relay: %s", exc)
+                break  # the broker is down: the rest waits for the next relay
+            sent += 1
+        if sent:
+            logger.info("jobrunner relay: sent %d execution(s) again", sent)
+        return sent
 
     # -- periodic jobs -----------------------------------------------------------------------
 
@@ -358,11 +468,15 @@ class CeleryJobs:
         if job_cls is None:
             current = self.runner.get(eid)
             if current.status.value not in _CLAIMABLE or current.cancel_requested:
-                return _ignored(current)
+                return _ignored(current)  # finished, or taken: a redelivery changes nothing
             job_cls = self._resolve_row(current)
         execution, scheduled = self._run(job_cls, eid, hinted)
         for waiting in scheduled:
             self._reschedule(waiting, reply or {})
+        if execution.status.value in _CLAIMABLE and not execution.cancel_requested:
+            # Not claimable now (its job at its concurrency limit, or a retry not yet
+            # due): a countdown brings it back, instead of acking it away.
+            self._reschedule(execution, reply or {}, at_least=_LIMIT_BACKOFF)
         return {"execution_id": str(execution.id), "status": execution.status.value}
 
     def _hinted(self, job: str | None) -> type[PhasedJob] | None:
@@ -421,19 +535,21 @@ class CeleryJobs:
         if self._user_hook is not None:
             self._user_hook(execution)
 
-    def _reschedule(self, execution: Execution, reply: dict[str, Any]) -> None:
+    def _reschedule(
+        self, execution: Execution, reply: dict[str, Any], *, at_least: float = 0.0
+    ) -> None:
         """Send the execution again with a countdown until its ``due_at``."""
         due = execution.due_at or utcnow()
-        countdown = max(0.0, (due - utcnow()).total_seconds())
+        countdown = max(at_least * random.uniform(1.0, 2.0), (due - utcnow()).total_seconds())
         task_id = str(uuid.uuid4())
-        with self.runner.engine.begin() as conn:
+        with self.runner._phases.tx(single=True) as conn:
             if not q.set_external_id(conn, execution.id, task_id):
                 return  # cancelled or taken meanwhile
-        job_ref = _portable_ref(execution.job, execution.handler)
+        message = _Message(execution.id, task_id, _portable_ref(execution.job, execution.handler))
         try:
-            self._send(execution.id, task_id, job_ref, countdown=countdown, **reply)
+            self._send(message, countdown=countdown, **reply)
         except EnqueueFailed:
-            logger.exception("jobrunner: could not schedule the retry of %s", execution.id)
+            logger.exception("jobrunner: could not schedule %s again; the relay will", execution.id)
 
     def _make_due(self, execution_id: uuid.UUID) -> None:
         with self.runner.engine.begin() as conn:
@@ -468,6 +584,25 @@ class CeleryJobs:
             retry_backoff_max=300,
             max_retries=12,
         )
+
+        def relay() -> int:
+            """Send again what should be in Celery and is not; reap expired leases."""
+            return handle.relay()
+
+        self.relay_task = self.app.task(
+            relay, name=RELAY_TASK_NAME, shared=False, ignore_result=True
+        )
+        if self.relay_interval:
+            entries = dict(self.app.conf.beat_schedule or {})
+            entries.setdefault(
+                "jobrunner-relay",
+                {
+                    "task": RELAY_TASK_NAME,
+                    "schedule": self.relay_interval,
+                    "options": {"expires": self.relay_interval},
+                },
+            )
+            self.app.conf.beat_schedule = entries
 
 
 def _reply(request: Any) -> dict[str, Any]:
@@ -551,6 +686,8 @@ def install(
     *,
     database_url: str | None = None,
     registry: Registry | None = None,
+    relay_interval: float | None = 10.0,
+    visibility: float = 300.0,
     **runner_options: Any,
 ) -> CeleryJobs:
     """Register ``jobrunner.run_execution`` on ``app``; returns the :class:`CeleryJobs` handle.
@@ -559,6 +696,11 @@ def install(
     ``runner_options`` go to both runners (``inline_retry_max_wait`` defaults to 1 s
     here: longer retry waits become Celery countdowns). :data:`RECOMMENDED_SETTINGS`
     are added as defaults, so anything the app configures itself wins.
+
+    The relay (:meth:`CeleryJobs.relay`) goes on the beat schedule every
+    ``relay_interval`` seconds (None: not scheduled; call it yourself): it sends again
+    executions whose message was never sent, or did not start within ``visibility``
+    seconds, and reaps expired leases. Run ``celery beat`` (or call it from any process).
     """
     _celery()
     if "engine" in runner_options:
@@ -572,6 +714,8 @@ def install(
         database_url=database_url,
         registry=registry if registry is not None else default_registry,
         runner_options=runner_options,
+        relay_interval=relay_interval or 0.0,
+        visibility=visibility,
     )
     app.add_defaults(dict(RECOMMENDED_SETTINGS))
     handle._register_task()
