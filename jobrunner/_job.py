@@ -306,7 +306,9 @@ def _jsonable(value: Any, what: str, error: type[Exception]) -> Any:
 def _check_storable(data: Any, original: Any, what: str, error: type[Exception]) -> None:
     """Refuse what one backend would store and the other reject, or what would not come
     back as it went in: the same error on SQLite and PostgreSQL, before any side effect."""
-    problem = _unstorable(data, "") or _set_inside(original, "")
+    problem = _unstorable(data, "") or _set_inside(
+        original, "", "Result" if error is ResultNotSerializable else "Args"
+    )
     if problem is not None:
         raise error(f"{what} cannot be stored: {problem}")
 
@@ -342,21 +344,22 @@ def _unstorable(value: Any, where: str) -> str | None:
     return None
 
 
-def _set_inside(value: Any, where: str) -> str | None:
+def _set_inside(value: Any, where: str, model: str) -> str | None:
     """A set comes back from JSON as a list: refused rather than changed on the way."""
     if isinstance(value, set | frozenset):
         return (
-            f"a set at {where or 'the top'} would come back as a list; return a (sorted) "
-            "list, or declare a Result model with a set field"
+            f"a set at {where or 'the top'} would come back as a list; use a (sorted) "
+            f"list, or declare {'an' if model == 'Args' else 'a'} {model} model with a "
+            "set field"
         )
     if isinstance(value, dict):
         for key, item in value.items():
-            found = _set_inside(item, f"{where}.{key}" if where else str(key))
+            found = _set_inside(item, f"{where}.{key}" if where else str(key), model)
             if found is not None:
                 return found
     if isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            found = _set_inside(item, f"{where}[{index}]")
+            found = _set_inside(item, f"{where}[{index}]", model)
             if found is not None:
                 return found
     return None

@@ -79,7 +79,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         sources=(),
         event=Event.SUBMIT,
         target=PENDING,
-        guard="due_at = db_now; the idempotency key, if any, is unused",
+        guard=(
+            "due_at = db_now, run_at or db_now + delay; the job's idempotency key, if "
+            "any, unused (or released: older than unique_for)"
+        ),
     ),
     Transition(
         sources=(),
@@ -94,8 +97,8 @@ TRANSITIONS: tuple[Transition, ...] = (
         target=RUNNING,
         guard=(
             "due_at <= db_now, not cancel requested, under the concurrency key's limit, "
-            "a slot free to run it now; attempt + 1, token + 1, "
-            "lease_expires_at = db_now + the claimer's lease"
+            "a slot free to run it now (a worker's batch: not a broker's, dispatch is "
+            "null); attempt + 1, token + 1, lease_expires_at = db_now + the claimer's lease"
         ),
     ),
     Transition(

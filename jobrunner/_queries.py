@@ -142,6 +142,8 @@ def submit_row(
         ).first()
         if existing is None:
             continue  # released by someone else meanwhile: insert again
+        if unique_for is not None and _release_key(conn, existing.id, unique_for):
+            continue  # its window has passed: the key is free for this request
         if existing.args != values["args"]:
             raise IdempotencyConflict(
                 f"idempotency key {values['idempotency_key']!r} of job {values['job']!r} "
@@ -150,8 +152,7 @@ def submit_row(
                 "after a while)",
                 existing.id,
             )
-        if unique_for is None or not _release_key(conn, existing.id, unique_for):
-            return uuid.UUID(str(existing.id))
+        return uuid.UUID(str(existing.id))
 
 
 def _insert_unique(conn: Connection, values: Mapping[str, Any]) -> uuid.UUID | None:
@@ -726,6 +727,7 @@ def requeue(
             due_at=db_now(),
             finished_at=None,
             lease_expires_at=None,
+            dispatched_at=None,  # a broker's execution: the relay sends it again soon
         )
         .returning(executions)
     )
@@ -1039,17 +1041,6 @@ def set_external_id(conn: Connection, execution_id: uuid.UUID, external_id: str)
         sa_update(executions)
         .where(E.id == execution_id, _CLAIMABLE)
         .values(external_id=external_id, dispatched_at=db_now())
-        .returning(E.id)
-    )
-    return conn.execute(stmt).first() is not None
-
-
-def mark_due(conn: Connection, execution_id: uuid.UUID, in_seconds: float = 0.0) -> bool:
-    """Make a waiting execution due ``in_seconds`` from the database's now."""
-    stmt = (
-        sa_update(executions)
-        .where(E.id == execution_id, _CLAIMABLE)
-        .values(due_at=seconds(in_seconds))
         .returning(E.id)
     )
     return conn.execute(stmt).first() is not None

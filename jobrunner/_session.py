@@ -144,7 +144,13 @@ def caller_connection(target: Session | Connection, engine: Engine) -> Connectio
     return conn
 
 
-def on_commit(target: Any, callback: Callable[[], None]) -> None:
-    """Call ``callback`` once, after the caller's transaction commits (never on rollback)."""
-    name = "after_commit" if isinstance(target, Session) else "commit"
-    event.listen(target, name, lambda *_: callback(), once=True)
+def on_commit(target: Any, callback: Callable[[], None]) -> bool:
+    """Call ``callback`` once, after the caller's session commits (never on rollback).
+
+    Only a ``Session`` says when its commit is done; a Core ``Connection``'s ``commit``
+    event comes *before* the commit. Returns whether the callback was set up.
+    """
+    if not isinstance(target, Session):
+        return False
+    event.listen(target, "after_commit", lambda *_: callback(), once=True)
+    return True

@@ -243,6 +243,27 @@ def test_a_process_killed_between_commit_and_publish(
     assert _executed(store, {row.id}) == {str(row.id): 1}
 
 
+def test_enqueue_with_a_connection_is_left_to_the_relay(
+    rig: tuple[CeleryJobs, Worker], store: str
+) -> None:
+    """A Core Connection cannot say when its commit is done: nothing is sent from it, and
+    the relay sends the committed row (a rolled-back one never existed)."""
+    jobs, worker = rig
+    engine = sa.create_engine(sa.make_url(store).set(drivername="postgresql+psycopg"))
+    try:
+        with engine.connect() as conn:
+            jobs.enqueue(f"{JOB}.counted", {"n": 1}, session=conn)
+            conn.rollback()
+        with engine.begin() as conn:
+            eid = jobs.enqueue(f"{JOB}.counted", {"n": 2}, session=conn)
+    finally:
+        engine.dispose()
+    assert [e.id for e in jobs.runner.list()] == [eid]
+    assert jobs.runner.get(eid).dispatched_at is None
+    _settle(jobs, {eid}, worker)
+    assert _executed(store, {eid}) == {str(eid): 1}
+
+
 def test_enqueue_in_a_rolled_back_transaction_sends_nothing(
     rig: tuple[CeleryJobs, Worker], store: str
 ) -> None:

@@ -263,10 +263,12 @@ def test_unique_for_lets_a_key_run_again_after_its_window(runner: JobRunner) -> 
     with runner.engine.begin() as conn:  # the first one was created two hours ago
         conn.execute(sa.update(sa.table("jobrunner_executions", sa.column("created_at")))
                      .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)))
-    second = runner.submit(Echo, {"n": 1}, idempotency_key="daily", unique_for=3600)
-    assert second != first
+    second = runner.submit(Echo, {"n": 2}, idempotency_key="daily", unique_for=3600)
+    assert second != first  # a new request: other args are fine once the window passed
     assert runner.get(first).idempotency_key is None  # released
     assert runner.get(second).idempotency_key == "daily"
+    with pytest.raises(IdempotencyConflict):  # within the new one's window: one request
+        runner.submit(Echo, {"n": 3}, idempotency_key="daily", unique_for=3600)
 
 
 # -- scheduled runs ------------------------------------------------------------------------------

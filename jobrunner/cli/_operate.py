@@ -41,10 +41,15 @@ def retry(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = Fa
     with open_runner(ctx) as runner:
         execution = runner.retry(parse_execution_id(runner, execution_id), triggered_by="cli")
     resumes = " (resuming at record: execute already ran)" if execution.checkpointed else ""
+    runs_it = (
+        f"the {execution.dispatch} relay sends it to {execution.dispatch}"
+        if execution.dispatch
+        else "`jobrunner worker` runs it"
+    )
     print_execution(
         execution,
         f"Execution {execution.id} of {execution.job} is pending again "
-        f"(up to attempt {execution.max_attempts}){resumes}; `jobrunner worker` runs it.",
+        f"(up to attempt {execution.max_attempts}){resumes}; {runs_it}.",
         as_json,
     )
 

@@ -109,7 +109,8 @@ _scheduled: contextvars.ContextVar[list[Execution] | None] = contextvars.Context
 class EnqueueFailed(JobRunnerError, ConnectionError):
     """The execution was stored but its Celery message could not be sent.
 
-    The row is marked due, so ``runner.run_due()`` (or a later retry) still runs it.
+    The row stays, marked unsent: :meth:`CeleryJobs.relay` sends it once the broker is
+    back. ``execution_id`` is the stored execution.
     """
 
     def __init__(self, message: str, execution_id: uuid.UUID) -> None:
@@ -327,7 +328,9 @@ class CeleryJobs:
         if session is not None:
             conn = caller_connection(session, runner.engine)
             execution_id = q.submit_row(conn, row, unique_for=window)
-            if execution_id == row["id"]:  # sent once the caller commits, never before
+            if execution_id == row["id"]:
+                # Sent once the caller's Session commits, never before. A Connection cannot
+                # tell when its commit is done: the relay sends those (after ``grace``).
                 on_commit(session, lambda: self._send_quietly(message, wait, apply_async_options))
             return execution_id
         row["dispatched_at"] = 0.0  # sent right below; if not, marked unsent at once
@@ -473,7 +476,9 @@ class CeleryJobs:
         execution, scheduled = self._run(job_cls, eid, hinted)
         for waiting in scheduled:
             self._reschedule(waiting, reply or {})
-        if execution.status.value in _CLAIMABLE and not execution.cancel_requested:
+        rescheduled = {waiting.id for waiting in scheduled}
+        waits = execution.status.value in _CLAIMABLE and not execution.cancel_requested
+        if waits and execution.id not in rescheduled:
             # Not claimable now (its job at its concurrency limit, or a retry not yet
             # due): a countdown brings it back, instead of acking it away.
             self._reschedule(execution, reply or {}, at_least=_LIMIT_BACKOFF)
@@ -488,11 +493,9 @@ class CeleryJobs:
             return None  # the row says which job it is
 
     def _resolve_row(self, current: Execution) -> type[PhasedJob]:
-        try:
-            return self.registry.resolve_row(current.job, current.handler)
-        except JobNotFound:
-            self._make_due(current.id)  # for a worker that has the job (run_due)
-            raise
+        # A worker without the job: the message fails; the row stays waiting, and the
+        # relay sends it again after the visibility window (to a worker that has it).
+        return self.registry.resolve_row(current.job, current.handler)
 
     def _submit_tick(self, job: str | None, args: Any, task_id: str | None) -> uuid.UUID:
         if job is None:
@@ -550,10 +553,6 @@ class CeleryJobs:
             self._send(message, countdown=countdown, **reply)
         except EnqueueFailed:
             logger.exception("jobrunner: could not schedule %s again; the relay will", execution.id)
-
-    def _make_due(self, execution_id: uuid.UUID) -> None:
-        with self.runner.engine.begin() as conn:
-            q.mark_due(conn, execution_id)
 
     # -- worker lifecycle (signals) --------------------------------------------------------
 
@@ -688,6 +687,7 @@ def install(
     registry: Registry | None = None,
     relay_interval: float | None = 10.0,
     visibility: float = 300.0,
+    grace: float = 10.0,
     **runner_options: Any,
 ) -> CeleryJobs:
     """Register ``jobrunner.run_execution`` on ``app``; returns the :class:`CeleryJobs` handle.
@@ -699,8 +699,9 @@ def install(
 
     The relay (:meth:`CeleryJobs.relay`) goes on the beat schedule every
     ``relay_interval`` seconds (None: not scheduled; call it yourself): it sends again
-    executions whose message was never sent, or did not start within ``visibility``
-    seconds, and reaps expired leases. Run ``celery beat`` (or call it from any process).
+    executions whose message was never sent (``grace`` seconds after they were stored),
+    or did not start within ``visibility`` seconds, and reaps expired leases. Run
+    ``celery beat`` (or call it from any process).
     """
     _celery()
     if "engine" in runner_options:
@@ -716,6 +717,7 @@ def install(
         runner_options=runner_options,
         relay_interval=relay_interval or 0.0,
         visibility=visibility,
+        grace=grace,
     )
     app.add_defaults(dict(RECOMMENDED_SETTINGS))
     handle._register_task()
