@@ -456,3 +456,33 @@ def test_schedule_is_stored_by_text_reference_with_plain_kwargs() -> None:
     }
     assert (state["name"], state["max_instances"], state["coalesce"]) == ("tests.aps.tick", 1, True)
     assert state["misfire_grace_time"] is None
+
+
+def test_a_fire_at_its_concurrency_limit_is_left_due_for_a_worker(
+    configured_sync: Backend, runner: JobRunner
+) -> None:
+    """While one execution holds the only slot, a fire stores its execution due, not
+    failed and not lost; a worker runs it once the slot is free."""
+    from jobrunner import _queries as q
+
+    class OneAtATime(PhasedJob):
+        name = "tests.aps.one_at_a_time"
+        max_concurrency = 1
+
+        def execute(self, loaded: Any) -> str:
+            return "ran"
+
+    runner.registry.register(OneAtATime)
+    aps.configure(configured_sync.url, registry=runner.registry)
+    holder = runner.submit(OneAtATime)
+    with runner.engine.begin() as conn:  # another process runs one now
+        assert q.claim_one(conn, holder, worker="elsewhere", lease_s=60)
+    fired = aps.run_scheduled(job=OneAtATime.name, handler=OneAtATime.handler, args={},
+                              schedule_id="every-minute")
+    execution = runner.get(fired)
+    assert execution.status is ExecutionStatus.PENDING and execution.due_at is not None
+    with runner.engine.begin() as conn:  # the other one finishes
+        conn.execute(sa.text("update jobrunner_executions set status = 'succeeded', "
+                             "checkpointed = true where status = 'running'"))
+    [ran] = runner.run_due()
+    assert ran.id == execution.id and ran.succeeded and ran.triggered_by == "apscheduler"

@@ -251,8 +251,21 @@ async def _fire_on_fresh_loop(
 
 
 def _outcome(execution: Execution) -> str:
-    """The execution id if it succeeded (or will be retried by a worker), else raise."""
-    if execution.status in (ExecutionStatus.SUCCEEDED, ExecutionStatus.RETRYING):
+    """The execution id if it succeeded or waits for a worker (a retry, or a slot of its
+    job's ``max_concurrency``: it is due, and ``jobrunner worker`` runs it), else raise."""
+    if execution.status is ExecutionStatus.PENDING:
+        logger.info(
+            "jobrunner: execution %s of %s could not start now (its job is at its "
+            "max_concurrency); it is due, for a worker to run",
+            execution.id,
+            execution.job,
+            extra={"execution_id": str(execution.id), "job": execution.job},
+        )
+    if execution.status in (
+        ExecutionStatus.SUCCEEDED,
+        ExecutionStatus.RETRYING,
+        ExecutionStatus.PENDING,
+    ):
         return str(execution.id)
     raise ExecutionFailed(execution)
 
