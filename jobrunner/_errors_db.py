@@ -38,11 +38,11 @@ def translate(exc: BaseException, url: str) -> Exception | None:
         )
     if "database is locked" in text:
         return DatabaseUnavailable(
-            f"the SQLite database {url} stayed locked by another writer for longer than "
-            "the busy timeout (30 s unless busy_timeout= says otherwise), so this write "
-            "gave up. Another process holds a long write transaction: find it (a stuck "
-            "worker, a migration, a shell with an open transaction), or raise busy_timeout; "
-            "with many writers, use PostgreSQL."
+            f"the SQLite database {url} is locked by another writer: this write waited "
+            "the busy timeout (30 s unless busy_timeout= says otherwise) and gave up, or "
+            "its snapshot went stale under a concurrent write. Another process may hold a "
+            "long write transaction (a stuck worker, a migration, a shell with an open "
+            "transaction): find it, or raise busy_timeout; with many writers, use PostgreSQL."
         )
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or getattr(
         exc, "connection_invalidated", False
