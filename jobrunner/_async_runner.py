@@ -300,7 +300,10 @@ class AsyncJobRunner(_RunnerBase):
 
     async def _work(self, options: WorkOptions) -> builtins.list[Execution]:
         if self._worker is not None:
-            raise ConfigurationError("this AsyncJobRunner is already working; one work() at a time")
+            raise ConfigurationError(
+                "this AsyncJobRunner is already running work() or run_due(); one at a time per "
+                "runner: call stop_work() first, or give the second loop a runner of its own"
+            )
         self._pool.max_workers = max(self._pool.max_workers, options.concurrency)
         self._worker = AsyncWorker(self, options)
         try:

@@ -240,17 +240,6 @@ def target(event: Event) -> str:
     return targets.pop()
 
 
-def allowed(status: ExecutionStatus | str, event: Event) -> bool:
-    """Whether ``event`` may happen to an execution in ``status``."""
-    value = ExecutionStatus(status)
-    return any(t.event is event and value in t.sources for t in TRANSITIONS)
-
-
-def reachable_from(status: ExecutionStatus) -> set[ExecutionStatus]:
-    """Statuses an execution in ``status`` can move to by one event."""
-    return {t.target for t in TRANSITIONS if status in t.sources}
-
-
 #: Statuses only :meth:`retry` changes (and prune deletes).
 TERMINAL: frozenset[ExecutionStatus] = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED})
 

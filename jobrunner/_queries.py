@@ -487,24 +487,29 @@ def _lease_params(lease: Lease, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _HOW = ("held", "insert")
-_RENEW = {"heartbeat_at": db_now(), "lease_expires_at": after("lease_s")}
 
-# Built once: columns beyond the fixed ones come from the parameters' keys, so one
-# statement serves every call and SQLAlchemy compiles it once per key set.
-_PHASE_STARTED = {
-    how: sa_update(executions)
-    .where(_owned_where(Event.PHASE_STARTED, how))
-    .values(_RENEW)
-    .returning(E.cancel_requested)
-    for how in _HOW
-}
-_CHECKPOINT = {
-    how: sa_update(executions)
-    .where(_owned_where(Event.CHECKPOINT, how))
-    .values(_RENEW)
-    .returning(E.cancel_requested)
-    for how in _HOW
-}
+
+def _renewing(event: Event) -> dict[str, Any]:
+    """A fenced write that renews the lease and answers ``cancel_requested``, built once
+    per lease mode: its other columns come from the parameters' keys, so one statement
+    serves every call and SQLAlchemy compiles it once per key set."""
+    renew = {"heartbeat_at": db_now(), "lease_expires_at": after("lease_s")}
+    return {
+        how: sa_update(executions)
+        .where(_owned_where(event, how))
+        .values(renew)
+        .returning(E.cancel_requested)
+        for how in _HOW
+    }
+
+
+_PHASE_STARTED = _renewing(Event.PHASE_STARTED)
+_CHECKPOINT = _renewing(Event.CHECKPOINT)
+
+
+def _renew(conn: Connection, stmts: Any, lease: Lease, values: Mapping[str, Any]) -> bool | None:
+    row = conn.execute(stmts[lease.how], _lease_params(lease, values)).first()
+    return None if row is None else bool(row[0])
 
 
 def phase_started(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
@@ -513,8 +518,7 @@ def phase_started(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> 
     Returns ``cancel_requested``, or None when the lease is lost: the caller must then
     roll the phase's transaction back, so a stale owner's writes never commit.
     """
-    row = conn.execute(_PHASE_STARTED[lease.how], _lease_params(lease, values)).first()
-    return None if row is None else bool(row[0])
+    return _renew(conn, _PHASE_STARTED, lease, values)
 
 
 def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
@@ -522,8 +526,7 @@ def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> boo
 
     Written even when a cancel is requested: a finished execute is never thrown away.
     """
-    row = conn.execute(_CHECKPOINT[lease.how], _lease_params(lease, values)).first()
-    return None if row is None else bool(row[0])
+    return _renew(conn, _CHECKPOINT, lease, values)
 
 
 def heartbeat(

@@ -295,7 +295,10 @@ class JobRunner(_RunnerBase):
 
     def _work(self, options: WorkOptions) -> builtins.list[Execution]:
         if self._worker is not None:
-            raise ConfigurationError("this JobRunner is already working; one work() at a time")
+            raise ConfigurationError(
+                "this JobRunner is already running work() or run_due(); one at a time per "
+                "runner: call stop_work() first, or give the second loop a runner of its own"
+            )
         self._pool.max_workers = max(self._pool.max_workers, options.concurrency)
         self._worker = SyncWorker(self, options)
         try:

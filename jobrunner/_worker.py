@@ -169,23 +169,50 @@ def _signals(enabled: bool, stop: Callable[[bool], None]) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+class _Loop:
+    """What both worker loops keep: their settings, pacing, and how executions ended."""
+
+    def __init__(self, options: WorkOptions) -> None:
+        self.options = options
+        self.pacer = Pacer(options)
+        self._hard = False
+        self._results: list[Execution] = []
+        self._fatal: BaseException | None = None
+
+    def stop(self, now: bool = False) -> None:
+        """Claim nothing new; finish what runs (``now``: without the grace period)."""
+        raise NotImplementedError
+
+    def _failed(self, state: AttemptState, exc: BaseException) -> None:
+        """An execution's drive raised: logged, or (KeyboardInterrupt, SystemExit) the
+        worker stops too and raises it when it has drained."""
+        if isinstance(exc, Exception):
+            logger.exception(
+                "worker: execution %s stopped with an error", state.execution_id, exc_info=exc
+            )
+            return
+        self._fatal = self._fatal or exc
+        self.stop(now=True)
+
+    def _outcome(self) -> list[Execution]:
+        if self._fatal is not None:
+            raise self._fatal
+        return self._results
+
+
 # -- the sync worker ----------------------------------------------------------------------
 
 
-class SyncWorker:
+class SyncWorker(_Loop):
     """The worker loop of a :class:`JobRunner`: slots are daemon threads."""
 
     def __init__(self, runner: JobRunner, options: WorkOptions) -> None:
+        super().__init__(options)
         self.runner = runner
-        self.options = options
-        self.pacer = Pacer(options)
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._hard = False
         self._lock = threading.Lock()
         self._running = 0
-        self._results: list[Execution] = []
-        self._fatal: BaseException | None = None
         self._slots = DaemonPool(options.concurrency, name="jobrunner-slot")
 
     def stop(self, now: bool = False) -> None:
@@ -221,9 +248,7 @@ class SyncWorker:
             if listener is not None:
                 listener.close()
             self._slots.shutdown(wait=False)
-        if self._fatal is not None:
-            raise self._fatal
-        return self._results
+        return self._outcome()
 
     def _listens(self) -> bool:
         return self.options.listen and self.runner.engine.dialect.name == "postgresql"
@@ -269,11 +294,8 @@ class SyncWorker:
     def _run_one(self, state: AttemptState) -> None:
         try:
             self._results.append(self.runner._drive(state, worker=True))
-        except Exception:
-            logger.exception("worker: execution %s stopped with an error", state.execution_id)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: the worker stops too
-            self._fatal = self._fatal or exc
-            self.stop(now=True)
+        except BaseException as exc:
+            self._failed(state, exc)
         finally:
             with self._lock:
                 self._running -= 1
@@ -346,20 +368,16 @@ class _SyncListener:
 # -- the async worker ---------------------------------------------------------------------
 
 
-class AsyncWorker:
+class AsyncWorker(_Loop):
     """The worker loop of an :class:`AsyncJobRunner`: slots are tasks on its loop."""
 
     def __init__(self, runner: AsyncJobRunner, options: WorkOptions) -> None:
+        super().__init__(options)
         self.runner = runner
-        self.options = options
-        self.pacer = Pacer(options)
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._stopping = False
-        self._hard = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._results: list[Execution] = []
-        self._fatal: BaseException | None = None
 
     def stop(self, now: bool = False) -> None:
         """Claim nothing new; finish what runs (thread-safe)."""
@@ -400,9 +418,7 @@ class AsyncWorker:
             runner._wakers.discard(self.wake)
             if listener is not None:
                 await listener.close()
-        if self._fatal is not None:
-            raise self._fatal
-        return self._results
+        return self._outcome()
 
     async def _run_loop(self) -> None:
         while not self._stopping:
@@ -446,11 +462,8 @@ class AsyncWorker:
             self._results.append(await self.runner._drive(state, worker=True))
         except (asyncio.CancelledError, Abandoned):
             pass  # shutdown after the grace period: written, or left to the reaper
-        except Exception:
-            logger.exception("worker: execution %s stopped with an error", state.execution_id)
-        except BaseException as exc:  # KeyboardInterrupt, SystemExit: the worker stops too
-            self._fatal = self._fatal or exc
-            self.stop(now=True)
+        except BaseException as exc:
+            self._failed(state, exc)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

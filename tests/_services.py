@@ -12,15 +12,19 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
+
+T = TypeVar("T")
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -168,3 +172,24 @@ def redis_server() -> Iterator[tuple[str | None, str]]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 30) -> int:
+    """SIGTERM (a warm shutdown), then SIGKILL if it hangs; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def wait_for(condition: Callable[[], T], what: str, timeout: float = 120.0) -> T:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value

@@ -15,7 +15,6 @@ import itertools
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from jobrunner import ExecutionStatus, InvalidArgs, JobNotFound, JobRunner, meta
 from jobrunner.contrib.celery import TASK_NAME, CeleryJobs, EnqueueFailed, install
 
 from . import celery_jobs
-from ._services import free_port, redis_server, scratch_database
+from ._services import free_port, redis_server, scratch_database, stop_process
 from .conftest import Backend, assert_no_checked_out
 from .support import make_notes_table, note_texts
 
@@ -99,14 +98,7 @@ class Worker:
 
     def stop(self) -> int:
         """Warm shutdown (SIGTERM); kill if it hangs. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return stop_process(self.proc)
 
     def wait(
         self, ids: list[uuid.UUID], *, timeout: float = 60.0, done: Callable[[Any], bool] | None

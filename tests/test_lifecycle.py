@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import threading
 import time
 import traceback
@@ -231,26 +232,28 @@ def test_cancel_during_execute_keeps_its_result_and_retry_resumes_at_record(
 async def test_cancel_never_stops_waiting_for_a_sync_execute_thread(
     arunner: AsyncJobRunner,
 ) -> None:
-    """AsyncJobRunner: while a cancelled sync execute still runs, the row says running."""
+    """AsyncJobRunner: a cancelled sync execute is waited for; the row ends after it."""
     started, release = threading.Event(), threading.Event()
-    seen_while_running: list[str] = []
+    returned: list[dt.datetime] = []
 
     class Blocking(PhasedJob):
         def execute(self, loaded: Any) -> str:
             started.set()
             release.wait(30)
+            returned.append(dt.datetime.now(dt.UTC))
             return "done anyway"
 
     run = asyncio.create_task(arunner.run(Blocking))
     await asyncio.to_thread(started.wait, 30)
     [running] = await arunner.list(status="running")
     await arunner.cancel(running.id)
-    await asyncio.sleep(0.1)  # give a wrong implementation the chance to write "cancelled"
-    seen_while_running.append((await arunner.get(running.id)).status.value)
+    await asyncio.sleep(0)  # let the run see the signal
+    assert not run.done()  # still waiting for the thread
     release.set()
     execution = await asyncio.wait_for(run, 30)
-    assert seen_while_running == ["running"]
     assert execution.status is CANCELLED and execution.result == "done anyway"
+    # The row says cancelled only from after the code returned, never while it ran.
+    assert execution.finished_at is not None and execution.finished_at >= returned[0]
 
 
 # -- 4. leases on the row, by the database's clock ------------------------------------------
@@ -259,7 +262,8 @@ async def test_cancel_never_stops_waiting_for_a_sync_execute_thread(
 def test_a_healthy_worker_is_never_reaped_by_a_runner_with_other_settings(
     backend: Backend,
 ) -> None:
-    """A 10 s-heartbeat worker's lease is its own: a 1 s-heartbeat reaper leaves it alone."""
+    """A 10 s-heartbeat worker's lease (30 s) is its own: 5 s into its execution, a reaper
+    configured with a 1 s heartbeat (0.1 reaped after 3 s of silence) leaves it alone."""
     worker = JobRunner(backend.url, registry=Registry(), heartbeat_interval=10)
     reaper = JobRunner(backend.url, registry=Registry(), heartbeat_interval=1)
     verdicts: list[list[Any]] = []
@@ -267,7 +271,13 @@ def test_a_healthy_worker_is_never_reaped_by_a_runner_with_other_settings(
 
     class Long(PhasedJob):
         def execute(self, loaded: Any) -> None:
-            time.sleep(1.5)  # longer than three of the reaper's heartbeats... of 0.5 s
+            # Five seconds pass with no heartbeat: the stored times move 5 s back.
+            row = worker.get(self.execution_id)
+            assert row.heartbeat_at is not None and row.started_at is not None
+            earlier = dt.timedelta(seconds=5)
+            with worker.engine.begin() as conn:
+                conn.execute(sa.update(executions).values(
+                    heartbeat_at=row.heartbeat_at - earlier, started_at=row.started_at - earlier))
             leases.append(worker.get(self.execution_id).lease_expires_at)
             verdicts.append(reaper.reap())
 
@@ -277,7 +287,7 @@ def test_a_healthy_worker_is_never_reaped_by_a_runner_with_other_settings(
         worker.close()
         reaper.close()
     assert verdicts == [[]] and execution.succeeded
-    assert leases[0] is not None and leases[0] > execution.started_at
+    assert leases[0] is not None and leases[0] > execution.started_at + dt.timedelta(seconds=20)
 
 
 def test_a_lease_shorter_than_two_heartbeats_is_refused(backend: Backend) -> None:
@@ -310,7 +320,8 @@ async def test_cancelling_run_during_a_sync_load_leaves_no_running_row(
     run = asyncio.create_task(arunner.run(SlowLoad))
     await asyncio.to_thread(in_load.wait, 30)
     run.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the cancel reaches the run while the load's thread runs
+    assert not run.done()
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await run
@@ -626,8 +637,8 @@ def test_every_status_can_reach_an_end_and_ends_move_only_by_retry() -> None:
     assert sources(Event.CLAIM) == ("pending", "retrying")
 
 
-def test_every_fenced_write_in_queries_comes_from_the_table() -> None:
-    """Each attempt-made event of the table has a fenced transition from running only."""
+def test_attempt_made_writes_start_from_running_only() -> None:
+    """Every fenced (attempt-made) transition of the table starts from running alone."""
     for t in TRANSITIONS:
         if t.fenced and t.event is not Event.RUN_INLINE:
             assert t.sources == (RUNNING,), t
@@ -657,9 +668,10 @@ async def test_a_caller_cancelling_twice_still_gets_the_late_result_checkpointed
     run = asyncio.create_task(arunner.run(Slow))
     await asyncio.to_thread(started.wait, 30)
     run.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # delivered: the run holds it back, waiting for its thread
     run.cancel()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)
+    assert not run.done()
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await run

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from jobrunner import AsyncJobRunner, ExecutionStatus, JobRunner, PhasedJob, Reg
 from jobrunner.testing import InvariantChecker
 
 from . import worker_jobs
+from ._services import stop_process, wait_for
 from .conftest import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,17 +50,8 @@ class Worker:
     def output(self) -> str:
         return self.log.read_text()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        self.process.send_signal(sig)
-        return self.process.wait(timeout)
-
-
-def _wait_for(condition: Callable[[], Any], what: str, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+    def stop(self) -> int:
+        return stop_process(self.process, timeout=60)
 
 
 def _count(runner: JobRunner, sql: str) -> int:
@@ -85,12 +75,12 @@ def test_two_workers_drain_2000_executions_and_survive_a_kill_9(
     doomed = Worker(postgres.url, tmp_path / "doomed.log", *fast)
     survivor = Worker(postgres.url, tmp_path / "survivor.log", *fast)
     try:
-        _wait_for(lambda: _count(runner, "select count(*) from worker_events "
+        wait_for(lambda: _count(runner, "select count(*) from worker_events "
                                           "where event = 'recorded'") > 300,
                   "both workers to be well under way")
         doomed.process.kill()  # SIGKILL: no goodbye, its running executions keep their leases
         doomed.process.wait(30)
-        _wait_for(lambda: _count(runner, "select count(*) from jobrunner_executions "
+        wait_for(lambda: _count(runner, "select count(*) from jobrunner_executions "
                                           "where status <> 'succeeded'") == 0,
                   "the survivor to finish everything, reaped ones included")
     finally:
@@ -127,7 +117,7 @@ def test_sigterm_finishes_what_runs_claims_nothing_new_and_exits_0(
     ids = _submit_many(runner, 6, seconds=1.0)
     worker = Worker(postgres.url, tmp_path / "worker.log", "--concurrency", "2",
                     "--grace-period", "30")
-    _wait_for(lambda: _count(runner, "select count(*) from worker_events "
+    wait_for(lambda: _count(runner, "select count(*) from worker_events "
                                       "where event = 'executed'") == 2, "two to start")
     assert worker.stop() == 0, worker.output()
     assert "SIGTERM received" in worker.output()
@@ -202,9 +192,9 @@ def test_a_sync_worker_wakes_on_notify_too(postgres: Backend) -> None:
     thread = threading.Thread(target=lambda: worker.work(poll_interval=600))
     thread.start()
     try:
-        _wait_for(lambda: claims, "the first poll")
+        wait_for(lambda: claims, "the first poll")
         eid = submitter.submit(Quick)
-        _wait_for(lambda: worker.get(eid).succeeded, "the woken worker to run it")
+        wait_for(lambda: worker.get(eid).succeeded, "the woken worker to run it")
         assert claims[:2] == [0, 1]
     finally:
         worker.stop_work()
@@ -253,7 +243,7 @@ def test_the_worker_reaps_and_reruns_a_dead_worker_s_execution(runner: JobRunner
     eid = runner.submit(Survives)
     with runner.engine.begin() as conn:
         assert q.claim_one(conn, eid, worker="dead", lease_s=0.05)
-    _wait_for(lambda: (runner.get(eid).lease_expires_at or utcnow()) < utcnow(),
+    wait_for(lambda: (runner.get(eid).lease_expires_at or utcnow()) < utcnow(),
               "the dead worker's lease to expire", timeout=30)
     runner.work(until_idle=True)  # its first act is to reap
     execution = runner.get(eid)
@@ -276,7 +266,7 @@ def test_stop_work_from_another_thread_returns_promptly(backend: Backend) -> Non
     thread = threading.Thread(target=lambda: runner.work(poll_interval=600))
     thread.start()
     try:
-        _wait_for(lambda: runner._worker is not None, "the loop to start")
+        wait_for(lambda: runner._worker is not None, "the loop to start")
         runner.stop_work()
         thread.join(30)
         assert not thread.is_alive()
