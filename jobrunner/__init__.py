@@ -27,7 +27,7 @@ from ._exceptions import (
 from ._job import PhasedJob
 from ._migrate import migrate
 from ._monitor import LoopMonitor, monitor_blocking
-from ._records import Attempt, Execution, JobStats
+from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
 from ._registry import Registry, default_registry
 from ._retry import TRANSIENT_ERRORS, RetryPolicy
 from ._runner import AsyncJobRunner, JobRunner
@@ -40,6 +40,7 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "AsyncJobRunner",
     "Attempt",
+    "AuditEntry",
     "ConfigurationError",
     "DatabaseUnavailable",
     "Execution",
@@ -61,6 +62,7 @@ __all__ = [
     "LoopMonitor",
     "PhaseSessionClosed",
     "PhasedJob",
+    "QueueState",
     "Registry",
     "ResultNotSerializable",
     "RetryPolicy",

@@ -43,7 +43,7 @@ from ._inflight import AsyncHeartbeat, Running
 from ._job import PhasedJob
 from ._monitor import LoopHealth, LoopMonitor
 from ._phases import AsyncPhases, SyncPhases, make_job
-from ._records import Attempt, Execution, JobStats
+from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
 from ._registry import JobRef, Registry
 from ._session import SessionScope, caller_connection, on_commit
 from ._threads import DaemonPool
@@ -354,25 +354,63 @@ class AsyncJobRunner(_RunnerBase):
 
     # -- operator actions ------------------------------------------------------------------
 
-    async def cancel(self, execution_id: IdLike) -> Execution:
+    async def cancel(self, execution_id: IdLike, *, actor: str = "api") -> Execution:
         """Cancel an execution; returns it (see :meth:`JobRunner.cancel`)."""
         eid = _as_id(execution_id)
         async with self._phases.tx() as conn:
-            execution = await conn.run_sync(q.cancel, eid)
+            execution = await conn.run_sync(lambda c: q.cancel(c, eid, actor=actor))
             current = None if execution else await conn.run_sync(q.get, eid)
         return self._cancel_result(eid, execution, current)
 
-    async def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
+    async def retry(
+        self, execution_id: IdLike, *, triggered_by: str = "retry", actor: str = "api"
+    ) -> Execution:
         """Put a failed, timed-out or cancelled execution back to pending (see JobRunner)."""
         current = await self.get(execution_id)
         budget = self._retry_budget(current)
         async with self._phases.tx() as conn:
             execution = await conn.run_sync(
-                lambda c: q.requeue(c, current.id, max_attempts=budget, triggered_by=triggered_by)
+                lambda c: q.requeue(
+                    c, current.id, max_attempts=budget, triggered_by=triggered_by, actor=actor
+                )
             )
         if execution is not None:
             self._submitted()
         return self._retry_result(current.id, execution, current)
+
+    # -- queues ----------------------------------------------------------------------------
+
+    async def pause_queue(self, queue: str, *, actor: str = "api") -> bool:
+        """Stop workers claiming from ``queue`` (see :meth:`JobRunner.pause_queue`)."""
+        async with self._phases.tx() as conn:
+            return await conn.run_sync(lambda c: q.set_paused(c, queue, paused=True, actor=actor))
+
+    async def resume_queue(self, queue: str, *, actor: str = "api") -> bool:
+        """Let workers claim from ``queue`` again (see :meth:`JobRunner.resume_queue`)."""
+        async with self._phases.tx() as conn:
+            changed: bool = await conn.run_sync(
+                lambda c: q.set_paused(c, queue, paused=False, actor=actor)
+            )
+        if changed:
+            self._submitted()
+        return changed
+
+    async def queues(self) -> builtins.list[QueueState]:
+        """Queues ever paused or resumed, with their pause."""
+        async with self._phases.tx(read=True) as conn:
+            return await conn.run_sync(q.queue_states)
+
+    async def paused_queues(self) -> set[str]:
+        """Names of the queues paused now."""
+        return {state.name for state in await self.queues() if state.paused}
+
+    async def audit(
+        self, execution_id: IdLike | None = None, *, limit: int = 100
+    ) -> builtins.list[AuditEntry]:
+        """Operator actions (retry, cancel, pause, resume) newest first, all or on one."""
+        eid = None if execution_id is None else _as_id(execution_id)
+        async with self._phases.tx(read=True) as conn:
+            return await conn.run_sync(lambda c: q.list_audit(c, execution_id=eid, limit=limit))
 
     async def reap(self, *, limit: int = 100) -> builtins.list[Execution]:
         """Recover running executions whose lease expired (see :meth:`JobRunner.reap`)."""

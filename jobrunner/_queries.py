@@ -41,8 +41,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from ._clock import after, db_now, seconds
 from ._exceptions import IdempotencyConflict
 from ._lifecycle import Event, sources, target, target_of
-from ._records import Attempt, Execution, JobStats
-from ._schema import ExecutionStatus, attempts, executions, metadata
+from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
+from ._schema import ExecutionStatus, attempts, audit, executions, metadata, queues
 
 E = executions.c
 RUNNING = ExecutionStatus.RUNNING.value
@@ -406,6 +406,9 @@ def claim_batch(
     return [dict(r) for r in conn.execute(stmt, params).mappings()]
 
 
+_PAUSED = select(queues.c.name).where(queues.c.paused_at.is_not(None)).scalar_subquery()
+
+
 def _claim_where(with_queues: bool) -> list[Any]:
     """Due, claimable executions of the worker's jobs (and queues), as parameters."""
     where = [
@@ -413,6 +416,7 @@ def _claim_where(with_queues: bool) -> list[Any]:
         E.due_at <= db_now(),
         E.job.in_(bindparam("jobs", expanding=True)),
         E.dispatch.is_(None),  # a broker's executions are sent to it, not claimed here
+        E.queue.not_in(_PAUSED),
     ]
     if with_queues:
         where.append(E.queue.in_(bindparam("queues", expanding=True)))
@@ -691,7 +695,9 @@ def list_attempts(conn: Connection, execution_id: uuid.UUID) -> list[Attempt]:
 # -- operator actions (events: cancel, cancel_requested, retried_by_hand) --------------------
 
 
-def cancel(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
+def cancel(
+    conn: Connection, execution_id: uuid.UUID, *, actor: str | None = None
+) -> Execution | None:
     """Cancel a waiting execution at once, or flag a running one for its holder to stop.
 
     One statement, so a claim racing it either happened first (the flag is set on the
@@ -712,11 +718,22 @@ def cancel(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
         .returning(executions)
     )
     row = conn.execute(stmt).mappings().first()
-    return Execution.from_row(row) if row else None
+    if row is None:
+        return None
+    execution = Execution.from_row(row)
+    if actor is not None:
+        detail = {"status": execution.status.value}
+        record_action(conn, actor=actor, action="cancel", execution_id=execution_id, detail=detail)
+    return execution
 
 
 def requeue(
-    conn: Connection, execution_id: uuid.UUID, *, max_attempts: int, triggered_by: str
+    conn: Connection,
+    execution_id: uuid.UUID,
+    *,
+    max_attempts: int,
+    triggered_by: str,
+    actor: str | None = None,
 ) -> Execution | None:
     """Put an execution that ended badly back to pending for an explicit retry."""
     stmt = (
@@ -738,13 +755,15 @@ def requeue(
     if row is None:
         return None
     notify(conn, [row["queue"]])
+    if actor is not None:
+        record_action(conn, actor=actor, action="retry", execution_id=execution_id)
     return Execution.from_row(row)
 
 
-def notify(conn: Connection, queues: Iterable[str]) -> None:
-    """Wake the workers of ``queues`` when this transaction commits (PostgreSQL)."""
+def notify(conn: Connection, names: Iterable[str]) -> None:
+    """Wake the workers of queues ``names`` when this transaction commits (PostgreSQL)."""
     if conn.dialect.name == "postgresql":
-        for queue in sorted(set(queues)):
+        for queue in sorted(set(names)):
             conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, queue)))
 
 
@@ -752,6 +771,70 @@ def delete_executions(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
     """Delete executions (their attempts go with them)."""
     conn.execute(delete(attempts).where(attempts.c.execution_id.in_(ids)))
     return conn.execute(delete(executions).where(E.id.in_(ids))).rowcount
+
+
+# -- queues and the audit of operator actions -----------------------------------------------
+
+
+def set_paused(conn: Connection, queue: str, *, paused: bool, actor: str) -> bool:
+    """Pause or resume ``queue``; False if it already was. Resuming wakes its workers.
+
+    Upsert then compare, in one transaction: concurrent pauses of one queue serialise on
+    its row, and exactly one of them reports the change.
+    """
+    before = conn.execute(
+        select(queues.c.paused_at).where(queues.c.name == queue).with_for_update()
+    ).first()
+    was_paused = before is not None and before.paused_at is not None
+    if was_paused == paused:
+        return False
+    values = {"paused_at": db_now() if paused else None, "paused_by": actor if paused else None}
+    if before is None:
+        conn.execute(insert(queues).values(name=queue, **values))
+    else:
+        conn.execute(sa_update(queues).where(queues.c.name == queue).values(values))
+    record_action(conn, actor=actor, action="pause" if paused else "resume", queue=queue)
+    if not paused:
+        notify(conn, [queue])
+    return True
+
+
+def queue_states(conn: Connection) -> list[QueueState]:
+    """Every queue that was ever paused or resumed, by name."""
+    rows = conn.execute(select(queues).order_by(queues.c.name)).mappings()
+    return [QueueState(**dict(r)) for r in rows]
+
+
+def record_action(
+    conn: Connection,
+    *,
+    actor: str,
+    action: str,
+    execution_id: uuid.UUID | None = None,
+    queue: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one audit row, in the caller's transaction (it commits with the action)."""
+    conn.execute(
+        insert(audit).values(
+            at=db_now(),
+            actor=actor,
+            action=action,
+            execution_id=execution_id,
+            queue=queue,
+            detail=dict(detail) if detail else None,
+        )
+    )
+
+
+def list_audit(
+    conn: Connection, *, execution_id: uuid.UUID | None = None, limit: int = 100
+) -> list[AuditEntry]:
+    """Operator actions newest first, all or on one execution."""
+    stmt = select(audit).order_by(audit.c.at.desc(), audit.c.id.desc()).limit(limit)
+    if execution_id is not None:
+        stmt = stmt.where(audit.c.execution_id == execution_id)
+    return [AuditEntry.from_row(r) for r in conn.execute(stmt).mappings()]
 
 
 # -- the reaper (events: lease_expired, reaped, stopped_cancelled) ---------------------------

@@ -50,6 +50,8 @@ class Execution:
     error_type: str | None
     error_message: str | None
     error_traceback: str | None
+    #: The W3C trace context of the submit (``traceparent``, ``tracestate``), if traced.
+    trace_context: dict[str, str] | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> Self:
@@ -127,3 +129,35 @@ class Attempt:
         values = dict(row)
         values["status"] = ExecutionStatus(values["status"])
         return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AuditEntry:
+    """One row of ``jobrunner_audit``: an operator's action, who took it and when."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    execution_id: uuid.UUID | None
+    queue: str | None
+    detail: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any]) -> Self:
+        """Build from a ``jobrunner_audit`` row mapping."""
+        return cls(**dict(row))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class QueueState:
+    """A queue's pause, as ``jobrunner_queues`` holds it (a queue never paused has none)."""
+
+    name: str
+    paused_at: datetime | None
+    paused_by: str | None
+
+    @property
+    def paused(self) -> bool:
+        """True while workers claim nothing from this queue."""
+        return self.paused_at is not None

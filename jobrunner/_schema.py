@@ -130,6 +130,8 @@ executions = Table(
     Column("error_type", String(255)),
     Column("error_message", Text),
     Column("error_traceback", Text),
+    # W3C trace context of the submit (``traceparent``/``tracestate``), for tracing.
+    Column("trace_context", _json()),
     # The claim: waiting executions by queue, highest priority first, oldest due first.
     Index(
         "ix_jobrunner_executions_due",
@@ -154,8 +156,13 @@ executions = Table(
         postgresql_where=literal_column("status IN ('pending', 'retrying')"),
         sqlite_where=literal_column("status IN ('pending', 'retrying')"),
     ),
-    Index("ix_jobrunner_executions_job_status", "job", "status"),
+    # Listing and counting stay index-backed and bounded as history grows: every filter
+    # the CLI and the dashboard offer, newest first.
+    Index("ix_jobrunner_executions_job_status_created", "job", "status", "created_at"),
+    Index("ix_jobrunner_executions_status_created", "status", "created_at"),
+    Index("ix_jobrunner_executions_queue_created", "queue", "created_at"),
     Index("ix_jobrunner_executions_created_at", "created_at"),
+    Index("ix_jobrunner_executions_finished_at", "finished_at"),
     # An idempotency key means one request of one job: unique per job, not across jobs.
     Index("ux_jobrunner_executions_job_idempotency_key", "job", "idempotency_key", unique=True),
 )
@@ -187,4 +194,29 @@ attempts = Table(
     Column("error_message", Text),
     Column("error_traceback", Text),
     Index("ix_jobrunner_attempts_execution", "execution_id", "number"),
+)
+
+
+queues = Table(
+    "jobrunner_queues",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    # Set while the queue is paused: workers claim nothing from it.
+    Column("paused_at", UTCDateTime()),
+    Column("paused_by", String(255)),
+)
+
+audit = Table(
+    "jobrunner_audit",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("action", String(32), nullable=False),
+    # No foreign key: the record of an action outlives the pruned execution it was on.
+    Column("execution_id", Uuid()),
+    Column("queue", String(100)),
+    Column("detail", _json()),
+    Index("ix_jobrunner_audit_execution", "execution_id", "at"),
+    Index("ix_jobrunner_audit_at", "at"),
 )

@@ -34,7 +34,7 @@ from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request
 from ._inflight import Running, SyncHeartbeat
 from ._job import PhasedJob
 from ._phases import SyncPhases, make_job
-from ._records import Attempt, Execution, JobStats
+from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
 from ._registry import JobRef, Registry
 from ._session import SessionScope, caller_connection, on_commit
 from ._threads import DaemonPool
@@ -351,7 +351,7 @@ class JobRunner(_RunnerBase):
 
     # -- operator actions ------------------------------------------------------------------
 
-    def cancel(self, execution_id: IdLike) -> Execution:
+    def cancel(self, execution_id: IdLike, *, actor: str = "api") -> Execution:
         """Cancel an execution; returns it.
 
         A pending or retrying execution is ``cancelled`` at once. A running one is flagged:
@@ -359,19 +359,22 @@ class JobRunner(_RunnerBase):
         phase boundary or when it checks ``self.cancelled()``), at once when it runs in
         this runner, else at its next heartbeat. A finished execute is checkpointed
         first, so :meth:`retry` never repeats it. Finished executions raise
-        :class:`InvalidTransition`.
+        :class:`InvalidTransition`. The cancel is recorded in the audit as ``actor``'s.
         """
         eid = _as_id(execution_id)
         with self._phases.tx() as conn:
-            execution = q.cancel(conn, eid)
+            execution = q.cancel(conn, eid, actor=actor)
             current = None if execution else q.get(conn, eid)
         return self._cancel_result(eid, execution, current)
 
-    def retry(self, execution_id: IdLike, *, triggered_by: str = "retry") -> Execution:
+    def retry(
+        self, execution_id: IdLike, *, triggered_by: str = "retry", actor: str = "api"
+    ) -> Execution:
         """Put a failed, timed-out or cancelled execution back to pending, due now.
 
         It gets a fresh budget of attempts, and resumes at record if its execute was
-        checkpointed. A worker (``jobrunner worker``) or :meth:`run_due` runs it.
+        checkpointed. A worker (``jobrunner worker``) or :meth:`run_due` runs it. The
+        retry is recorded in the audit as ``actor``'s.
         """
         current = self.get(execution_id)
         with self._phases.tx() as conn:
@@ -380,10 +383,52 @@ class JobRunner(_RunnerBase):
                 current.id,
                 max_attempts=self._retry_budget(current),
                 triggered_by=triggered_by,
+                actor=actor,
             )
         if execution is not None:
             self._submitted()
         return self._retry_result(current.id, execution, current)
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def pause_queue(self, queue: str, *, actor: str = "api") -> bool:
+        """Stop workers claiming from ``queue`` (running executions finish); audited.
+
+        True if this paused it, False if it was paused already. Workers and
+        :meth:`run_due` claim nothing from a paused queue; ``run()``, ``run_execution()``
+        and brokers' executions are not held.
+        """
+        with self._phases.tx() as conn:
+            changed = q.set_paused(conn, queue, paused=True, actor=actor)
+        return changed
+
+    def resume_queue(self, queue: str, *, actor: str = "api") -> bool:
+        """Let workers claim from ``queue`` again, and wake them; audited.
+
+        True if this resumed it, False if it was not paused.
+        """
+        with self._phases.tx() as conn:
+            changed = q.set_paused(conn, queue, paused=False, actor=actor)
+        if changed:
+            self._submitted()
+        return changed
+
+    def queues(self) -> builtins.list[QueueState]:
+        """Queues ever paused or resumed, with their pause (see :meth:`pause_queue`)."""
+        with self._phases.tx(read=True) as conn:
+            return q.queue_states(conn)
+
+    def paused_queues(self) -> set[str]:
+        """Names of the queues paused now."""
+        return {state.name for state in self.queues() if state.paused}
+
+    def audit(
+        self, execution_id: IdLike | None = None, *, limit: int = 100
+    ) -> builtins.list[AuditEntry]:
+        """Operator actions (retry, cancel, pause, resume) newest first, all or on one."""
+        eid = None if execution_id is None else _as_id(execution_id)
+        with self._phases.tx(read=True) as conn:
+            return q.list_audit(conn, execution_id=eid, limit=limit)
 
     def reap(self, *, limit: int = 100) -> builtins.list[Execution]:
         """Recover running executions whose lease expired (their worker died or hung).

@@ -60,7 +60,8 @@ def _truncate_pg(url: str) -> None:
                               poolclass=sa.pool.NullPool)
     with engine.begin() as conn:
         conn.execute(sa.text(
-            "TRUNCATE jobrunner_attempts, jobrunner_executions RESTART IDENTITY CASCADE"))
+            "TRUNCATE jobrunner_attempts, jobrunner_executions, jobrunner_queues,"
+            " jobrunner_audit RESTART IDENTITY CASCADE"))
     engine.dispose()
 
 

@@ -313,7 +313,7 @@ def test_migrate_is_idempotent_and_shows_progress(empty_url: str) -> None:
     first = cli(empty_url, "migrate")
     assert first.exit_code == 0, first.output
     assert f"applied {head_revision()}" in first.stderr
-    assert "3 revision(s) applied" in first.stdout
+    assert "4 revision(s) applied" in first.stdout
     again = ok_json(empty_url, "migrate")
     assert again["applied"] == []
     assert "already up to date" in cli(empty_url, "migrate").stdout

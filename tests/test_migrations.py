@@ -76,9 +76,11 @@ def test_migrate_builds_the_models_schema_exactly(empty_url: str) -> None:
     """After migrate, Alembic autogenerate finds no difference from jobrunner.metadata."""
     steps: list[tuple[str, str]] = []
     applied = jobrunner.migrate(empty_url, on_step=lambda rev, doc: steps.append((rev, doc)))
-    assert applied == ["jobrunner_0001", "jobrunner_0002", "jobrunner_0003"] == [
-        rev for rev, _ in steps
-    ]
+    assert (
+        applied
+        == ["jobrunner_0001", "jobrunner_0002", "jobrunner_0003", "jobrunner_0004"]
+        == [rev for rev, _ in steps]
+    )
     assert applied[-1] == head_revision()
     assert _tables(empty_url) >= {*JOBRUNNER_TABLES, VERSION_TABLE}
     assert _differences(empty_url) == []
@@ -252,11 +254,18 @@ def _fill_like_0_1(url: str) -> dict[str, str]:
                     "'tests.jobs:Greet', :args, :status, :attempt, :max, 'api', :attempt, "
                     ":cancel, :created, :beat, :due, :done)"
                 ),
-                {"id": ids[role] if url.startswith("postgres") else ids[role].replace("-", ""),
-                 "args": json.dumps({"who": role}), "status": status, "attempt": attempt,
-                 "max": max_attempts, "cancel": cancel, "created": now - timedelta(minutes=1),
-                 "beat": now if status == "running" else None, "due": due,
-                 "done": status == "succeeded"},
+                {
+                    "id": ids[role] if url.startswith("postgres") else ids[role].replace("-", ""),
+                    "args": json.dumps({"who": role}),
+                    "status": status,
+                    "attempt": attempt,
+                    "max": max_attempts,
+                    "cancel": cancel,
+                    "created": now - timedelta(minutes=1),
+                    "beat": now if status == "running" else None,
+                    "due": due,
+                    "done": status == "succeeded",
+                },
             )
     engine.dispose()
     return ids
@@ -268,7 +277,7 @@ def test_upgrading_a_database_0_1_created_and_filled(empty_url: str) -> None:
 
     assert jobrunner.migrate(empty_url, revision="jobrunner_0001") == ["jobrunner_0001"]
     ids = _fill_like_0_1(empty_url)
-    assert jobrunner.migrate(empty_url) == ["jobrunner_0002", "jobrunner_0003"]
+    assert jobrunner.migrate(empty_url) == ["jobrunner_0002", "jobrunner_0003", "jobrunner_0004"]
     assert _differences(empty_url) == []
     registry = Registry()
     registry.register(Greet)
@@ -281,8 +290,11 @@ def test_upgrading_a_database_0_1_created_and_filled(empty_url: str) -> None:
         assert got["running"].lease_expires_at is not None
         assert got["done"].queue == "default" and got["done"].priority == 0
         ran = {e.id for e in runner.run_due()}
-        assert {str(i) for i in ran} == {ids["celery_pending"], ids["due_pending"],
-                                        ids["abandoned_left"]}
+        assert {str(i) for i in ran} == {
+            ids["celery_pending"],
+            ids["due_pending"],
+            ids["abandoned_left"],
+        }
 
 
 def test_tables_0_1_s_create_schema_made_are_adopted_and_upgraded(empty_url: str) -> None:
@@ -292,5 +304,65 @@ def test_tables_0_1_s_create_schema_made_are_adopted_and_upgraded(empty_url: str
     with engine.begin() as conn:
         conn.execute(sa.text(f"DROP TABLE {VERSION_TABLE}"))
     engine.dispose()
-    assert jobrunner.migrate(empty_url) == ["jobrunner_0001", "jobrunner_0002", "jobrunner_0003"]
+    assert jobrunner.migrate(empty_url) == [
+        "jobrunner_0001",
+        "jobrunner_0002",
+        "jobrunner_0003",
+        "jobrunner_0004",
+    ]
     assert _differences(empty_url) == []
+
+
+def test_upgrading_a_database_0003_created_and_filled(empty_url: str) -> None:
+    """The previous landing's schema (0003) with its rows: 0004 keeps them all runnable,
+    and adds the queues, the audit and trace context."""
+    import uuid as uuid_mod
+    from datetime import UTC, datetime, timedelta
+
+    assert jobrunner.migrate(empty_url, revision="jobrunner_0003")[-1] == "jobrunner_0003"
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = {
+        "due": ("pending", now - timedelta(seconds=5), None),
+        "celery": ("pending", now - timedelta(seconds=5), "celery"),
+        "failed": ("failed", None, None),
+    }
+    ids = {role: uuid_mod.uuid4() for role in rows}
+    engine = _engine(empty_url)
+    with engine.begin() as conn:
+        for role, (status, due, dispatch) in rows.items():
+            eid = ids[role]
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobrunner_executions (id, job, handler, args, status, queue, "
+                    "priority, attempt, max_attempts, triggered_by, lease_token, "
+                    "cancel_requested, created_at, due_at, dispatch, checkpointed, "
+                    "idempotency_key) VALUES (:id, 'tests.greet', 'tests.jobs:Greet', :args, "
+                    ":status, 'default', 0, :attempt, 1, 'api', 0, false, :created, :due, "
+                    ":dispatch, false, :key)"
+                ),
+                {
+                    "id": str(eid) if empty_url.startswith("postgres") else eid.hex,
+                    "args": json.dumps({"who": role}),
+                    "status": status,
+                    "attempt": 1 if status == "failed" else 0,
+                    "created": now - timedelta(minutes=1),
+                    "due": due,
+                    "dispatch": dispatch,
+                    "key": role,
+                },
+            )
+    engine.dispose()
+
+    assert jobrunner.migrate(empty_url) == ["jobrunner_0004"]
+    assert _differences(empty_url) == []
+    registry = Registry()
+    registry.register(Greet)
+    with JobRunner(empty_url, registry=registry) as runner:
+        assert runner.get(ids["due"]).trace_context is None
+        assert [e.id for e in runner.run_due()] == [ids["due"]]  # the broker's row is left
+        assert runner.get(ids["celery"]).status.value == "pending"
+        runner.retry(ids["failed"], actor="upgrade-test")
+        assert [a.action for a in runner.audit(ids["failed"])] == ["retry"]
+        assert runner.pause_queue("default")
+        assert runner.run_due() == []
+        assert [e.job for e in runner.list(job="tests.greet", status="failed")] == []
