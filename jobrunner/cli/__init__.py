@@ -28,6 +28,7 @@ from ._output import console, emit_json, err_console, execution_json
 from ._parse import IdArgument, JsonOption, parse_window
 from ._read import attempts, jobs, list_, show, stats
 from ._tables import attempts_table, executions_table
+from ._web import web
 from ._worker import worker
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "run",
     "show",
     "stats",
+    "web",
     "worker",
 ]
 
@@ -110,6 +112,7 @@ for _command in (
     reap,
     run,
     worker,
+    web,
     check,
     migrate,
     demo,
