@@ -6,7 +6,7 @@ import asyncio
 import builtins
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
@@ -38,7 +38,8 @@ from ._engine import (
     make_sync_engine,
 )
 from ._exceptions import ConfigurationError
-from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep, drive
+from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep
+from ._hooks import Instrument
 from ._inflight import AsyncHeartbeat, Running
 from ._job import PhasedJob
 from ._monitor import LoopHealth, LoopMonitor
@@ -79,6 +80,10 @@ class AsyncJobRunner(_RunnerBase):
         max_args_bytes: args larger than this as JSON are refused at submit with
             :class:`InvalidArgs` (default 1,000,000; None: no limit).
         slow_phase_threshold: log phases longer than this many seconds (None: never).
+        instruments: what hears about executions (tracing, metrics: see
+            :mod:`jobrunner.contrib.otel`, :mod:`jobrunner.contrib.prometheus`);
+            default: those installed for the process, plus OpenTelemetry when the
+            application configured a tracer provider. ``[]``: none.
         loop_lag_threshold_ms: an async phase step holding the loop this long is logged
             with its execution and phase; the loop monitor logs lag above it (default 100).
         strict_loop: fail such a phase with :class:`LoopBlocked` instead (tests, staging).
@@ -103,6 +108,7 @@ class AsyncJobRunner(_RunnerBase):
         max_threads: int = 32,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         slow_phase_threshold: float | None = 10.0,
+        instruments: Iterable[Instrument] | None = None,
         loop_lag_threshold_ms: float = 100.0,
         strict_loop: bool = False,
         monitor_loop: bool = True,
@@ -119,6 +125,7 @@ class AsyncJobRunner(_RunnerBase):
             heartbeat_interval=heartbeat_interval,
             lease_duration=lease_duration,
             max_threads=max_threads,
+            instruments=instruments,
         )
         self.engine = (
             engine if engine is not None else make_async_engine(database_url(url), **engine_options)
@@ -150,6 +157,8 @@ class AsyncJobRunner(_RunnerBase):
                 interval=loop_monitor_interval, threshold_ms=loop_lag_threshold_ms
             )
             self.loop_monitor.add_listener(self._inflight.note_lag)
+            for instrument in self._instruments:
+                self.loop_monitor.add_listener(instrument.loop_lag)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -518,7 +527,7 @@ class AsyncJobRunner(_RunnerBase):
     async def _drive(self, state: AttemptState, *, worker: bool = False) -> Execution:
         """Perform the flow's requests until it returns the execution."""
         running = Running(state=state, interrupt=_interrupter())
-        flow = drive(state, running, self._settings(worker=worker))
+        flow = self._flow(state, running, worker=worker)
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
             if self.loop_monitor is not None:

@@ -74,6 +74,10 @@ class AttemptState:
     queue: str = DEFAULT_QUEUE
     #: An async user step is running that a cancel or a lost lease may interrupt.
     interruptible: bool = False
+    #: W3C trace context stored at submit, and when the claimed execution was due
+    #: (for instruments: the consumer span's parent, the queue wait).
+    trace_context: dict[str, str] | None = None
+    due_at: datetime | None = None
 
     @property
     def execution_id(self) -> uuid.UUID:
@@ -170,6 +174,8 @@ class AttemptState:
             checkpoint=row["result"],
             concurrency_key=row["concurrency_key"],
             queue=row["queue"],
+            trace_context=row.get("trace_context"),
+            due_at=row.get("due_at"),
         )
 
     def adopt_claim(self, row: dict[str, Any]) -> None:
@@ -186,6 +192,7 @@ class AttemptState:
         self.checkpoint = row["result"]
         self.needs_claim = False
         self.started_at = utcnow()
+        self.due_at = row.get("due_at")
 
     def prepare_retry(self) -> None:
         """Reset per-attempt state after a failure; the next attempt claims afresh."""

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import _hooks
 from ._attempt import AttemptState, new_row, utcnow
 from ._exceptions import (
     ConfigurationError,
@@ -24,8 +25,8 @@ from ._exceptions import (
     InvalidTransition,
     JobNotFound,
 )
-from ._flow import Settings
-from ._inflight import InFlight
+from ._flow import Flow, Settings, drive
+from ._inflight import InFlight, Running
 from ._job import PhasedJob
 from ._lifecycle import RETRYABLE_BY_HAND, WAITING
 from ._records import Execution
@@ -114,7 +115,9 @@ class _RunnerBase:
         lease_duration: float | None = None,
         max_threads: int = 32,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
+        instruments: Iterable[_hooks.Instrument] | None = None,
     ) -> None:
+        self._instruments = _hooks.resolve(instruments)
         self.registry = registry if registry is not None else default_registry
         self._slow_phase_ms = None if slow_phase_threshold is None else slow_phase_threshold * 1000
         self.on_retry_scheduled = on_retry_scheduled
@@ -168,6 +171,8 @@ class _RunnerBase:
             priority=_priority(priority),
             due_at=_due_at(run_at, delay),
         )
+        if self._instruments:
+            _hooks.submitted(self._instruments, row, inline=False)
         return job_cls, row
 
     def _check_size(self, job_cls: type[PhasedJob], args_json: Any) -> None:
@@ -210,6 +215,13 @@ class _RunnerBase:
             on_retry_scheduled=self.on_retry_scheduled,
         )
 
+    def _flow(self, state: AttemptState, running: Running, *, worker: bool) -> Flow:
+        """The flow that runs ``state``'s execution, watched by the instruments if any."""
+        flow = drive(state, running, self._settings(worker=worker))
+        if not self._instruments:
+            return flow
+        return _hooks.observed(flow, _hooks.Watch(self._instruments, state))
+
     def _no_load_jobs(self) -> builtins.list[str]:
         """Jobs whose claim starts them in execute (nothing is written before it)."""
         return [job.name for job in self.registry if not job.spec.runs("load")]
@@ -229,6 +241,8 @@ class _RunnerBase:
         )
         state.args_value = args_value
         state.slow_phase_ms = self._slow_phase_ms
+        if self._instruments and state.insert_row is not None:
+            _hooks.submitted(self._instruments, state.insert_row, inline=True)
         return state
 
     def _run_target(self, job: JobRef, idempotency_key: str | None) -> tuple[type[PhasedJob], bool]:
@@ -301,7 +315,7 @@ class _RunnerBase:
                 "execution %s is %s; not running it",
                 execution.id,
                 execution.status,
-                extra={"execution_id": str(execution.id), "job": execution.job},
+                extra=_extra(execution),
             )
             return None
         job_cls = self.registry.resolve_row(execution.job, execution.handler)
@@ -316,8 +330,10 @@ class _RunnerBase:
                 execution.job,
                 execution.error_message,
                 execution.status,
-                extra={"execution_id": str(execution.id), "job": execution.job},
+                extra=_extra(execution),
             )
+        if self._instruments:
+            _hooks.reaped(self._instruments, reaped)
 
     def _retry_budget(self, execution: Execution) -> int:
         """A fresh budget: the job's policy's attempts from here (one if the job is not
@@ -354,6 +370,16 @@ class _RunnerBase:
                 f"{', '.join(RETRYABLE_BY_HAND)} executions can be retried"
             )
         return execution
+
+
+def _extra(execution: Execution) -> dict[str, Any]:
+    """The structured fields of a log line about a stored execution."""
+    return {
+        "execution_id": str(execution.id),
+        "job": execution.job,
+        "attempt": execution.attempt,
+        "phase": execution.phase,
+    }
 
 
 _warned: set[str] = set()

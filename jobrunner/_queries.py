@@ -69,6 +69,9 @@ _CLAIM_COLUMNS = (
     E.triggered_by,
     E.concurrency_key,
     E.cancel_requested,
+    # For instruments: the consumer span's parent, and how long it waited.
+    E.due_at,
+    E.trace_context,
 )
 
 
@@ -1130,3 +1133,39 @@ def set_external_id(conn: Connection, execution_id: uuid.UUID, external_id: str)
         .returning(E.id)
     )
     return conn.execute(stmt).first() is not None
+
+
+# -- gauges (metrics) ----------------------------------------------------------------------
+
+#: The statuses counted by :func:`live_counts`: history (finished rows) is never scanned.
+LIVE_STATUSES = (ExecutionStatus.PENDING.value, RETRYING, RUNNING)
+
+
+def live_counts(conn: Connection) -> list[tuple[str, str, int]]:
+    """(queue, status, count) of the executions not finished yet.
+
+    Only pending, retrying and running rows are counted: the partial indexes of the
+    claim and the reaper (and the status index) hold exactly those, so the cost grows
+    with the backlog, never with the history.
+    """
+    stmt = (
+        select(E.queue, E.status, func.count())
+        .where(status_in(LIVE_STATUSES))
+        .group_by(E.queue, E.status)
+    )
+    return [(row[0], row[1], int(row[2])) for row in conn.execute(stmt)]
+
+
+def oldest_due(conn: Connection) -> list[tuple[str, float]]:
+    """(queue, seconds) since the oldest waiting execution of each queue came due, by the
+    database's clock (queues with nothing due are left out). Scans the claim's index."""
+    stmt = (
+        select(E.queue, func.min(E.due_at), db_now())
+        .where(_CLAIMABLE, E.due_at <= db_now())
+        .group_by(E.queue)
+    )
+    return [
+        (row[0], max(0.0, (row[2] - row[1]).total_seconds()))
+        for row in conn.execute(stmt)
+        if row[1] is not None
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Self
 
@@ -30,7 +30,8 @@ from ._base import (
 )
 from ._engine import database_url, display_url, drop_if_empty, make_sync_engine
 from ._exceptions import ConfigurationError
-from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep, drive
+from ._flow import Checkpoint, Claim, End, Execute, Fetch, Load, Record, Request, Sleep
+from ._hooks import Instrument
 from ._inflight import Running, SyncHeartbeat
 from ._job import PhasedJob
 from ._phases import SyncPhases, make_job
@@ -70,6 +71,10 @@ class JobRunner(_RunnerBase):
         max_args_bytes: args larger than this as JSON are refused at submit with
             :class:`InvalidArgs` (default 1,000,000; None: no limit).
         slow_phase_threshold: log phases longer than this many seconds (None: never).
+        instruments: what hears about executions (tracing, metrics: see
+            :mod:`jobrunner.contrib.otel`, :mod:`jobrunner.contrib.prometheus`);
+            default: those installed for the process, plus OpenTelemetry when the
+            application configured a tracer provider. ``[]``: none.
         **engine_options: passed to ``create_engine`` (``pool_size``, ``max_overflow``,
             ``busy_timeout`` in seconds for SQLite, ...).
     """
@@ -90,6 +95,7 @@ class JobRunner(_RunnerBase):
         max_threads: int = 32,
         max_args_bytes: int | None = DEFAULT_MAX_ARGS_BYTES,
         slow_phase_threshold: float | None = 10.0,
+        instruments: Iterable[Instrument] | None = None,
         **engine_options: Any,
     ) -> None:
         super().__init__(
@@ -102,6 +108,7 @@ class JobRunner(_RunnerBase):
             heartbeat_interval=heartbeat_interval,
             lease_duration=lease_duration,
             max_threads=max_threads,
+            instruments=instruments,
         )
         self.engine = (
             engine if engine is not None else make_sync_engine(database_url(url), **engine_options)
@@ -529,7 +536,7 @@ class JobRunner(_RunnerBase):
     def _drive(self, state: AttemptState, *, worker: bool = False) -> Execution:
         """Perform the flow's requests until it returns the execution."""
         running = Running(state=state)
-        flow = drive(state, running, self._settings(worker=worker))
+        flow = self._flow(state, running, worker=worker)
         with self._inflight.track(running):
             self._heartbeat.ensure_running()
             answer: Any = None

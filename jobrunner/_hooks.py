@@ -1,0 +1,308 @@
+"""The instrumentation seam: what tracing, metrics (or your own code) hear about executions.
+
+An :class:`Instrument` hears about submits, reaps and event-loop lag, and opens one
+:class:`AttemptObserver` per attempt, which hears about its phases, a retry it scheduled,
+a lost lease and how it ended. The runners never call instruments themselves: they run
+the flow of :mod:`jobrunner._flow` through :func:`observed`, which watches the requests
+go by (a phase request starts a phase, its answer ends it; an ``End`` or a finished
+``Record`` ends the attempt) and tells the observers. The flow stays free of I/O and of
+instrumentation alike.
+
+Without instruments nothing here runs: a runner passes its flow through untouched, so
+the default costs one ``if`` per execution. ``jobrunner.contrib.otel`` and
+``jobrunner.contrib.prometheus`` are instruments; they import their libraries, this
+module imports neither.
+
+Calls come from the thread (sync) or task (async) that runs the execution, in its
+context: an observer that sets a context variable in ``phase_started`` (OpenTelemetry's
+current span) is current for the phase's own code, including a sync ``execute`` in the
+runner's thread pool (each call runs in a copy of the submitting context).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ._flow import Abandoned, Checkpoint, End, Execute, Fetch, Flow, Load, Record, Request
+from ._lifecycle import Outcome
+from ._schema import ExecutionStatus
+
+if TYPE_CHECKING:
+    from ._attempt import AttemptState, ErrorInfo
+    from ._records import Execution
+
+logger = logging.getLogger("jobrunner.hooks")
+
+_PHASES: dict[type[Any], str] = {Load: "load", Execute: "execute", Record: "record"}
+#: Requests that belong to an attempt: the first of them opens it.
+_IN_ATTEMPT = (Load, Execute, Checkpoint, Record, End)
+
+#: The outcomes an attempt may end with (the ``outcome`` label of the metrics).
+OUTCOMES = (
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+    "retried",
+    "interrupted",
+    "lease_lost",
+    "abandoned",
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class AttemptView:
+    """What an instrument is told about an attempt when it starts."""
+
+    execution_id: str
+    job: str
+    queue: str
+    attempt: int
+    worker: str
+    #: W3C trace context stored with the execution at submit (``traceparent``...), if any.
+    trace_context: dict[str, str] | None
+    #: When the execution became due (None for an inline run: it never waited).
+    due_at: datetime | None
+    #: When this attempt was claimed (this process's clock).
+    claimed_at: datetime
+    #: Resumed at record from a checkpoint (execute is not run again).
+    resumed: bool
+
+
+class AttemptObserver:
+    """Hears one attempt: override what you need; every method is a no-op here."""
+
+    def phase_started(self, phase: str) -> None:
+        """``load``, ``execute`` or ``record`` starts (in the context its code runs in)."""
+
+    def phase_ended(self, phase: str, seconds: float, error: BaseException | None) -> None:
+        """The phase ended after ``seconds``; ``error`` is what it raised, if anything."""
+
+    def retry_scheduled(self, wait: float, due_at: datetime | None) -> None:
+        """The attempt failed and the execution will be tried again after ``wait`` s."""
+
+    def lease_lost(self) -> None:
+        """Another worker took the execution over (or it was reaped): nothing was written."""
+
+    def attempt_ended(
+        self, outcome: str, execution: Execution | None, error: ErrorInfo | None
+    ) -> None:
+        """The attempt is over: ``outcome`` is one of :data:`OUTCOMES`."""
+
+
+class Instrument:
+    """Hears about executions: override what you need; every method is a no-op here.
+
+    Pass instances to a runner (``JobRunner(url, instruments=[...])``) or install them
+    for every runner made afterwards in this process with :func:`install`. A method
+    that raises is logged and otherwise ignored: instruments never fail a job.
+    """
+
+    def submitted(self, row: dict[str, Any], *, inline: bool) -> None:
+        """A new execution is about to be stored (``row`` may be given a
+        ``trace_context``). ``inline``: :meth:`JobRunner.run` runs it at once."""
+
+    def attempt_started(self, attempt: AttemptView) -> AttemptObserver | None:
+        """An attempt starts (just claimed): return an observer for it, or None."""
+        return None
+
+    def reaped(self, executions: Sequence[Execution]) -> None:
+        """The reaper recovered these executions (their leases had expired)."""
+
+    def loop_lag(self, lag_ms: float) -> None:
+        """One sample of the event loop's lag (AsyncJobRunner's loop monitor)."""
+
+
+_installed: list[Instrument] = []
+
+
+def install(instrument: Instrument) -> None:
+    """Add ``instrument`` to every runner created after this call, in this process."""
+    if instrument not in _installed:
+        _installed.append(instrument)
+
+
+def uninstall(instrument: Instrument) -> None:
+    """Undo :func:`install` (runners created meanwhile keep it)."""
+    if instrument in _installed:
+        _installed.remove(instrument)
+
+
+def resolve(instruments: Iterable[Instrument] | None) -> tuple[Instrument, ...]:
+    """A runner's instruments: the ones it was given, else the installed ones, plus
+    OpenTelemetry when the application configured a tracer provider (never imported
+    here: only looked up if the application imported it already)."""
+    if instruments is not None:
+        return tuple(instruments)
+    chosen = list(_installed)
+    if "opentelemetry.trace" in sys.modules and not any(
+        getattr(i, "traces", False) for i in chosen
+    ):
+        from .contrib import otel
+
+        if otel.provider_configured():
+            chosen.append(otel.OpenTelemetry())
+    return tuple(chosen)
+
+
+def _failed(where: str, instrument: object, exc: Exception) -> None:
+    logger.warning(
+        "instrument %s failed in %s (%s: %s); the execution goes on",
+        type(instrument).__name__,
+        where,
+        type(exc).__name__,
+        exc,
+        exc_info=logger.isEnabledFor(logging.DEBUG),
+    )
+
+
+def submitted(instruments: tuple[Instrument, ...], row: dict[str, Any], *, inline: bool) -> None:
+    """Tell each instrument about a new execution row."""
+    for instrument in instruments:
+        try:
+            instrument.submitted(row, inline=inline)
+        except Exception as exc:
+            _failed("submitted", instrument, exc)
+
+
+def reaped(instruments: tuple[Instrument, ...], executions: Sequence[Execution]) -> None:
+    """Tell each instrument what the reaper recovered."""
+    if not executions:
+        return
+    for instrument in instruments:
+        try:
+            instrument.reaped(executions)
+        except Exception as exc:
+            _failed("reaped", instrument, exc)
+
+
+class Watch:
+    """Turns the requests of one execution's flow into observer calls."""
+
+    __slots__ = ("_instruments", "_observers", "_started", "_state")
+
+    def __init__(self, instruments: tuple[Instrument, ...], state: AttemptState) -> None:
+        self._instruments = instruments
+        self._state = state
+        self._observers: list[AttemptObserver] | None = None
+        self._started = 0.0
+
+    def before(self, request: Request) -> None:
+        """A request is about to be performed."""
+        if isinstance(request, _IN_ATTEMPT) and self._observers is None:
+            self._open()
+        phase = _PHASES.get(type(request))
+        if phase is not None:
+            self._started = time.perf_counter()
+            self._each("phase_started", phase)
+        elif isinstance(request, Fetch) and self._observers is not None:
+            # Mid-attempt, the flow reads the row back only after losing its lease.
+            self._lost()
+
+    def after(self, request: Request, answer: Any, error: BaseException | None) -> None:
+        """A request was performed: ``answer`` is its result, ``error`` what it raised."""
+        phase = _PHASES.get(type(request))
+        if phase is not None:
+            took = self._state.timings.get(f"{phase}_ms")
+            seconds = took / 1000 if took is not None else time.perf_counter() - self._started
+            self._each("phase_ended", phase, seconds, error)
+            if isinstance(request, Record) and error is None:
+                self._end("succeeded", answer)
+        elif isinstance(request, End) and error is None:
+            if answer is None:
+                self._lost()
+                return
+            outcome = _outcome(request, answer)
+            if outcome == "retried":
+                self._each("retry_scheduled", request.wait, answer.due_at)
+            self._end(outcome, answer)
+
+    def done(self, execution: Execution) -> None:
+        """The flow returned (every attempt already ended)."""
+        if self._observers is not None:
+            self._end(execution.status.value, execution)
+
+    def close(self, exc: BaseException) -> None:
+        """The flow raised out of the runner: end what is open."""
+        if self._observers is not None:
+            self._end("abandoned" if isinstance(exc, Abandoned) else "interrupted", None)
+
+    def _open(self) -> None:
+        state = self._state
+        view = AttemptView(
+            execution_id=str(state.execution_id),
+            job=state.job_cls.name,
+            queue=state.queue,
+            attempt=state.number,
+            worker=state.lease.worker,
+            trace_context=state.trace_context,
+            due_at=state.due_at,
+            claimed_at=state.started_at,
+            resumed=state.resume_from == "record",
+        )
+        observers: list[AttemptObserver] = []
+        for instrument in self._instruments:
+            try:
+                observer = instrument.attempt_started(view)
+            except Exception as exc:
+                _failed("attempt_started", instrument, exc)
+                continue
+            if observer is not None:
+                observers.append(observer)
+        self._observers = observers
+
+    def _lost(self) -> None:
+        self._each("lease_lost")
+        self._end("lease_lost", None)
+
+    def _end(self, outcome: str, execution: Execution | None) -> None:
+        self._each("attempt_ended", outcome, execution, self._state.error)
+        self._observers = None
+
+    def _each(self, method: str, *args: Any) -> None:
+        # Observers that attached a context in phase_started detach it in phase_ended:
+        # the last one opened is the first one closed.
+        observers = self._observers or ()
+        ordered = reversed(observers) if method in ("phase_ended", "attempt_ended") else observers
+        for observer in ordered:
+            try:
+                getattr(observer, method)(*args)
+            except Exception as exc:
+                _failed(method, observer, exc)
+
+
+def _outcome(end: End, execution: Execution) -> str:
+    """How an attempt ended, by what the database wrote (a cancel may have won)."""
+    if end.outcome is Outcome.INTERRUPTED:
+        return "interrupted"
+    if execution.status is ExecutionStatus.RETRYING:
+        return "retried"
+    return execution.status.value
+
+
+def observed(flow: Flow, watch: Watch) -> Flow:
+    """``flow``, with ``watch`` told about every request, answer and error."""
+    answer: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = flow.throw(error) if error is not None else flow.send(answer)
+        except StopIteration as stop:
+            execution: Execution = stop.value
+            watch.done(execution)
+            return execution
+        except BaseException as exc:
+            watch.close(exc)
+            raise
+        watch.before(request)
+        try:
+            answer, error = (yield request), None
+        except BaseException as exc:
+            answer, error = None, exc
+        watch.after(request, answer, error)
