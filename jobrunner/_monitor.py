@@ -134,6 +134,7 @@ class _PhaseSteps:
             extra={
                 "execution_id": info.execution_id,
                 "job": info.job,
+                "attempt": info.state.number,
                 "phase": info.phase,
                 "loop_held_ms": held_ms,
             },
@@ -316,6 +317,7 @@ def phase_context(state: AttemptState, phase: str) -> Iterator[PhaseInfo]:
                 extra={
                     "execution_id": info.execution_id,
                     "job": info.job,
+                    "attempt": state.number,
                     "phase": phase,
                     "duration_ms": took,
                 },

@@ -77,6 +77,7 @@ def _overran(state: AttemptState, running: Running, seconds: float) -> JobTimedO
         extra={
             "execution_id": str(state.execution_id),
             "job": state.job_cls.name,
+            "attempt": state.number,
             "phase": "execute",
         },
     )

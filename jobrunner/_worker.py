@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _queries as q
 from ._exceptions import ConfigurationError, JobRunnerError
-from ._flow import Abandoned
+from ._flow import Abandoned, extra
 from ._threads import DaemonPool
 
 if TYPE_CHECKING:
@@ -188,7 +188,10 @@ class _Loop:
         worker stops too and raises it when it has drained."""
         if isinstance(exc, Exception):
             logger.exception(
-                "worker: execution %s stopped with an error", state.execution_id, exc_info=exc
+                "worker: execution %s stopped with an error",
+                state.execution_id,
+                exc_info=exc,
+                extra=extra(state),
             )
             return
         self._fatal = self._fatal or exc

@@ -154,14 +154,18 @@ def test_inline_run_is_a_child_of_the_callers_span(traced: JobRunner, tracing: T
     assert execution.result["thread"].startswith("jobrunner-sync")  # ran in the pool
     assert not tracing.spans("create default")  # no message in between: no producer
     process = _check_attempt(tracing, execution, "otel.probe")
-    assert process.parent is not None and process.parent.span_id == caller.get_span_context().span_id
+    assert (
+        process.parent is not None and process.parent.span_id == caller.get_span_context().span_id
+    )
     assert process.status.status_code is StatusCode.UNSET
     execute = _execute_span(tracing, process)
     assert execution.result["span"] == _id(execute)
     user = tracing.one("user-call")
     assert user.parent is not None and user.parent.span_id == _id(execute)
     stored = execution.trace_context
-    assert stored is not None and f"{caller.get_span_context().trace_id:032x}" in stored["traceparent"]
+    assert (
+        stored is not None and f"{caller.get_span_context().trace_id:032x}" in stored["traceparent"]
+    )
 
 
 async def test_async_runner_makes_the_same_spans(atraced: AsyncJobRunner, tracing: Tracing) -> None:
@@ -187,13 +191,14 @@ async def test_async_runner_makes_the_same_spans(atraced: AsyncJobRunner, tracin
         execution = await atraced.run(AsyncProbe)
         threaded = await atraced.run(_probe(tracing), {"n": 2})
     caller_id = caller.get_span_context().span_id
-    for done, job, user in (
+    for done, _job, user in (
         (execution, "otel.async_probe", "user-call-async"),
         (threaded, "otel.probe", "user-call"),
     ):
         assert done.status is ExecutionStatus.SUCCEEDED, done.error_message
         [process] = [
-            s for s in tracing.spans("process default")
+            s
+            for s in tracing.spans("process default")
             if s.attributes["messaging.message.id"] == str(done.id)
         ]
         assert process.parent is not None and process.parent.span_id == caller_id
@@ -237,13 +242,15 @@ def test_worker_run_continues_the_submitters_trace(traced: JobRunner, tracing: T
     assert execution.result["span"] == _id(_execute_span(tracing, process))
 
 
-async def test_async_worker_run_continues_the_trace(atraced: AsyncJobRunner, tracing: Tracing) -> None:
+async def test_async_worker_run_continues_the_trace(
+    atraced: AsyncJobRunner, tracing: Tracing
+) -> None:
     """The same through AsyncJobRunner.run_due()."""
     probe = atraced.registry.register(_probe(tracing))
     eid = await atraced.submit(probe, {"n": 4})
     [done] = await atraced.run_due()
     assert done.id == eid and done.status is ExecutionStatus.SUCCEEDED
-    _, process = _producer_and_process(tracing, eid)
+    _producer_and_process(tracing, eid)
     _check_attempt(tracing, done, "otel.probe")
 
 
@@ -279,7 +286,9 @@ def test_retries_are_events_and_each_attempt_a_span(traced: JobRunner, tracing: 
 
     class Flaky(PhasedJob):
         name = "otel.flaky"
-        retry = RetryPolicy(max_attempts=3, wait_initial=0.01, jitter=0, retry_on=(ConnectionError,))
+        retry = RetryPolicy(
+            max_attempts=3, wait_initial=0.01, jitter=0, retry_on=(ConnectionError,)
+        )
 
         def execute(self, loaded: Any) -> int:
             calls.append(1)
@@ -290,9 +299,15 @@ def test_retries_are_events_and_each_attempt_a_span(traced: JobRunner, tracing: 
     with tracing.tracer.start_as_current_span("caller") as caller:
         execution = traced.run(Flaky)
     assert execution.status is ExecutionStatus.SUCCEEDED and execution.attempt == 3
-    spans = sorted(tracing.spans("process default"), key=lambda s: s.attributes["jobrunner.attempt"])
+    spans = sorted(
+        tracing.spans("process default"), key=lambda s: s.attributes["jobrunner.attempt"]
+    )
     assert [s.attributes["jobrunner.attempt"] for s in spans] == [1, 2, 3]
-    assert [s.status.status_code for s in spans] == [StatusCode.ERROR, StatusCode.ERROR, StatusCode.UNSET]
+    assert [s.status.status_code for s in spans] == [
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
     assert [s.attributes["jobrunner.outcome"] for s in spans] == ["retried", "retried", "succeeded"]
     for span in spans[:2]:
         [event] = span.events
@@ -313,7 +328,9 @@ def test_worker_retry_links_every_attempt_to_the_producer(
 
     class Flaky(PhasedJob):
         name = "otel.flaky_worker"
-        retry = RetryPolicy(max_attempts=2, wait_initial=0.01, jitter=0, retry_on=(ConnectionError,))
+        retry = RetryPolicy(
+            max_attempts=2, wait_initial=0.01, jitter=0, retry_on=(ConnectionError,)
+        )
 
         def execute(self, loaded: Any) -> str:
             calls.append(1)
@@ -329,7 +346,9 @@ def test_worker_retry_links_every_attempt_to_the_producer(
         traced.run_due()
     assert traced.get(eid).status is ExecutionStatus.SUCCEEDED
     create = tracing.one("create default")
-    spans = sorted(tracing.spans("process default"), key=lambda s: s.attributes["jobrunner.attempt"])
+    spans = sorted(
+        tracing.spans("process default"), key=lambda s: s.attributes["jobrunner.attempt"]
+    )
     assert [s.attributes["jobrunner.outcome"] for s in spans] == ["retried", "succeeded"]
     for span in spans:
         assert [link.context.span_id for link in span.links] == [_id(create)]
@@ -378,7 +397,7 @@ def test_nothing_is_imported_without_the_extras(tmp_path: Path) -> None:
             def execute(self, loaded):
                 return 1
 
-        with JobRunner("sqlite:///{tmp_path / 'a.db'}") as runner:
+        with JobRunner("sqlite:///{tmp_path / "a.db"}") as runner:
             runner.create_schema()
             assert runner.run(Job).succeeded
             eid = runner.submit(Job)
@@ -386,7 +405,7 @@ def test_nothing_is_imported_without_the_extras(tmp_path: Path) -> None:
             assert runner.get(eid).succeeded
 
         async def main():
-            async with AsyncJobRunner("sqlite+aiosqlite:///{tmp_path / 'b.db'}") as runner:
+            async with AsyncJobRunner("sqlite+aiosqlite:///{tmp_path / "b.db"}") as runner:
                 await runner.create_schema()
                 assert (await runner.run(Job)).succeeded
 
