@@ -28,11 +28,14 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
+    text,
     true,
     tuple_,
+    union_all,
 )
 from sqlalchemy import update as sa_update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -663,6 +666,9 @@ def get(conn: Connection, execution_id: uuid.UUID) -> Execution | None:
     return Execution.from_row(row) if row else None
 
 
+_ALL_STATUSES = tuple(s.value for s in ExecutionStatus)
+
+
 def list_executions(
     conn: Connection,
     *,
@@ -672,17 +678,41 @@ def list_executions(
     since: datetime | None = None,
     limit: int = 100,
 ) -> list[Execution]:
-    """Executions newest first, filtered by status, job name, queue and creation time."""
-    stmt = select(executions).order_by(E.created_at.desc(), E.id).limit(limit)
-    if status is not None:
-        stmt = stmt.where(E.status.in_([str(s) for s in status]))
-    if job is not None:
-        stmt = stmt.where(E.job == job)
-    if queue is not None:
-        stmt = stmt.where(E.queue == queue)
-    if since is not None:
-        stmt = stmt.where(E.created_at >= since)
+    """Executions newest first, filtered by status, job name, queue and creation time.
+
+    A page reads O(``limit``) rows whatever the history holds: each filter is the
+    equality prefix of an index ending in ``created_at`` (``(job, status, created_at)``,
+    ``(status, created_at)``, ``(queue, status, created_at)``, ``(queue, created_at)``,
+    ``(created_at)``), read newest first and stopped at ``limit``. An index needs one
+    status to be read in order, so several statuses, or a job without a status, are one
+    such read per status (at most ``limit`` rows each) merged by a ``UNION ALL``. Only a
+    job together with a queue filters the queue within the job's rows.
+    """
+    statuses = None if status is None else sorted({str(s) for s in status})
+    if statuses == []:
+        return []
+    window = [] if since is None else [E.created_at >= since]
+    arms = [
+        select(executions).where(*where, *window).order_by(E.created_at.desc(), E.id).limit(limit)
+        for where in _index_prefixes(statuses, job, queue)
+    ]
+    stmt = arms[0] if len(arms) == 1 else _merged(arms, limit)
     return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
+
+
+def _index_prefixes(statuses: list[str] | None, job: str | None, queue: str | None) -> list[Any]:
+    """One WHERE per index read: equalities on an index's leading columns."""
+    if statuses is None and job is None:
+        return [[] if queue is None else [E.queue == queue]]
+    common = [E.job == job] if job is not None else []
+    common += [E.queue == queue] if queue is not None else []
+    return [[*common, E.status == s] for s in (statuses or _ALL_STATUSES)]
+
+
+def _merged(arms: Sequence[Any], limit: int) -> Any:
+    """The newest ``limit`` rows of several newest-first reads."""
+    both = union_all(*(select(*arm.subquery().c) for arm in arms)).subquery()
+    return select(both).order_by(both.c.created_at.desc(), both.c.id).limit(limit)
 
 
 def list_attempts(conn: Connection, execution_id: uuid.UUID) -> list[Attempt]:
@@ -989,53 +1019,134 @@ def _percentile(values: Mapping[int, float], n: int, pct: int) -> float:
     return values[lo] + fraction * (values[hi] - values[lo])
 
 
-def job_stats(conn: Connection, *, since: datetime | None = None) -> list[JobStats]:
+#: stats computes p50/p95 over at most this many of the newest executions per job and
+#: status in its window (``JobStats.sampled`` says when a group had more). A p95 of 1,000
+#: durations is their 950th: within about one percentile point of the whole window's.
+STATS_SAMPLE = 1_000
+#: stats counts at most this many executions per job and status (``JobStats.capped``),
+#: like the dashboard's counts.
+STATS_COUNT_CAP = 10_000
+
+
+def job_stats(
+    conn: Connection,
+    *,
+    since: datetime | None = None,
+    sample: int = STATS_SAMPLE,
+    cap: int = STATS_COUNT_CAP,
+) -> list[JobStats]:
     """Counts per job and status, with p50/p95 durations, for executions created since.
 
-    Percentiles are computed portably: a window query ranks durations per group and
-    returns only the (at most four) rows around each percentile, so the result stays
-    small however many executions the window holds.
+    Bounded whatever the history holds, on the ``(job, status, created_at)`` index:
+    the jobs are found by a skip scan (one index probe per job); each job and status
+    is counted by an index-only read of its rows in the window that stops at ``cap``
+    (then ``capped``: at least that many); percentiles are over the durations of the
+    newest ``sample`` executions of each job and status in the window (``sampled``
+    when there were more; ``sample_size`` how many durations they hold). So at most
+    jobs x statuses x (``cap`` index entries + ``sample`` rows) are read.
     """
-    window = [] if since is None else [E.created_at >= since]
-    counts = conn.execute(
-        select(E.job, E.status, func.count()).where(*window).group_by(E.job, E.status)
-    ).all()
-    ms = _duration_ms(conn.dialect.name)
-    ranked = (
-        select(
-            E.job,
-            E.status,
-            ms.label("ms"),
-            func.row_number().over(partition_by=[E.job, E.status], order_by=ms).label("rn"),
-            func.count().over(partition_by=[E.job, E.status]).label("n"),
-        )
-        .where(*window, E.started_at.is_not(None), E.finished_at.is_not(None))
-        .subquery()
-    )
-    wanted = [rank for pct in _PERCENTILES for rank in _rank_bounds(ranked.c.n, pct)]
-    rows = conn.execute(
-        select(ranked.c.job, ranked.c.status, ranked.c.rn, ranked.c.n, ranked.c.ms).where(
-            ranked.c.rn.in_(wanted)
-        )
-    ).all()
-    ranks: dict[tuple[str, str], tuple[int, dict[int, float]]] = {}
-    for job, status, rn, n, ms in rows:
-        ranks.setdefault((job, status), (int(n), {}))[1][int(rn)] = float(ms)
+    if conn.dialect.name == "postgresql":
+        # The sample's UNION ALL is estimated costly enough for JIT, whose compiling
+        # alone takes longer than the query (200 ms for a few dozen jobs).
+        conn.execute(text("SET LOCAL jit = off"))
+    params = {"since": since, "cap": cap + 1}
+    counts = [
+        (job, status, int(n))
+        for job, *per_status in conn.execute(_COUNTS[since is not None], params)
+        for status, n in zip(_ALL_STATUSES, per_status, strict=True)
+        if n
+    ]
+    ranks = _sampled_ranks(conn, [(job, status) for job, status, _ in counts], since, sample)
     return sorted(
-        (_stats_row(job, status, count, ranks.get((job, status))) for job, status, count in counts),
+        (
+            _stats_row(job, status, min(n, cap), n > cap, n > sample, ranks.get(i))
+            for i, (job, status, n) in enumerate(counts)
+        ),
         key=lambda s: (s.job, s.status.value),
     )
 
 
+def _capped_counts(windowed: bool) -> Any:
+    """Per job (a recursive skip scan), its executions per status, each up to ``cap``."""
+    jobs = select(func.min(E.job).label("job")).cte("jobs", recursive=True)
+    following = select(func.min(E.job)).where(E.job > jobs.c.job).scalar_subquery()
+    jobs = jobs.union_all(select(following).where(jobs.c.job.is_not(None)))
+    window = [E.created_at >= bindparam("since", type_=E.created_at.type)] if windowed else []
+
+    def count(status: str) -> Any:
+        rows = (
+            select(literal_column("1"))
+            .select_from(executions)
+            .where(E.job == jobs.c.job, status_in([status]), *window)
+            .limit(bindparam("cap"))
+            .correlate(jobs)
+            .subquery()
+        )
+        return select(func.count()).select_from(rows).scalar_subquery()
+
+    return select(jobs.c.job, *(count(s) for s in _ALL_STATUSES)).where(jobs.c.job.is_not(None))
+
+
+_COUNTS = {windowed: _capped_counts(windowed) for windowed in (False, True)}
+
+
+def _sampled_ranks(
+    conn: Connection, groups: Sequence[tuple[str, str]], since: datetime | None, sample: int
+) -> dict[int, tuple[int, dict[int, float]]]:
+    """Per group index: how many durations its sample holds, and those at the wanted ranks."""
+    if not groups:
+        return {}
+    ms = _duration_ms(conn.dialect.name)
+    window = [] if since is None else [E.created_at >= since]
+    arms = []
+    for i, (job, status) in enumerate(groups):
+        newest = (
+            select(ms.label("ms"))
+            .where(E.job == job, E.status == status, *window)
+            .order_by(E.created_at.desc())
+            .limit(sample)
+            .subquery()
+        )
+        arms.append(select(literal(i).label("g"), newest.c.ms).where(newest.c.ms.is_not(None)))
+    both = union_all(*arms).subquery()
+    ranked = select(
+        both.c.g,
+        both.c.ms,
+        func.row_number().over(partition_by=both.c.g, order_by=both.c.ms).label("rn"),
+        func.count().over(partition_by=both.c.g).label("n"),
+    ).subquery()
+    wanted = [rank for pct in _PERCENTILES for rank in _rank_bounds(ranked.c.n, pct)]
+    rows = conn.execute(
+        select(ranked.c.g, ranked.c.rn, ranked.c.n, ranked.c.ms).where(ranked.c.rn.in_(wanted))
+    )
+    ranks: dict[int, tuple[int, dict[int, float]]] = {}
+    for g, rn, n, value in rows:
+        ranks.setdefault(int(g), (int(n), {}))[1][int(rn)] = float(value)
+    return ranks
+
+
 def _stats_row(
-    job: str, status: str, count: int, ranked: tuple[int, dict[int, float]] | None
+    job: str,
+    status: str,
+    count: int,
+    capped: bool,
+    sampled: bool,
+    ranked: tuple[int, dict[int, float]] | None,
 ) -> JobStats:
     p50 = p95 = None
+    size = 0
     if ranked is not None:
-        n, values = ranked
-        p50, p95 = (_percentile(values, n, pct) for pct in _PERCENTILES)
+        size, values = ranked
+        p50, p95 = (_percentile(values, size, pct) for pct in _PERCENTILES)
     return JobStats(
-        job=job, status=ExecutionStatus(status), count=int(count), p50_ms=p50, p95_ms=p95
+        job=job,
+        status=ExecutionStatus(status),
+        count=count,
+        capped=capped,
+        p50_ms=p50,
+        p95_ms=p95,
+        sample_size=size,
+        sampled=sampled,
     )
 
 

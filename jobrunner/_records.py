@@ -91,6 +91,11 @@ class JobStats:
     Durations run from start to finish (retry waits included, as in
     :attr:`Execution.duration_ms`); the percentiles interpolate like PostgreSQL's
     ``percentile_cont`` and are None when no execution in the group has finished.
+    Reading stays bounded however long the history: counting stops at a cap (then
+    ``capped`` is True and ``count`` is a lower bound), and the percentiles are over
+    the newest executions of the group only (then ``sampled`` is True);
+    ``sample_size`` is how many durations they were computed from. The limits are
+    ``jobrunner._queries.STATS_COUNT_CAP`` (10,000) and ``STATS_SAMPLE`` (1,000).
     """
 
     job: str
@@ -98,6 +103,12 @@ class JobStats:
     count: int
     p50_ms: float | None
     p95_ms: float | None
+    #: True when counting stopped at the cap: there are at least ``count``.
+    capped: bool = False
+    #: How many durations p50/p95 were computed from.
+    sample_size: int = 0
+    #: True when p50/p95 are over the newest executions of the group only.
+    sampled: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

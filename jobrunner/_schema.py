@@ -161,6 +161,7 @@ executions = Table(
     Index("ix_jobrunner_executions_job_status_created", "job", "status", "created_at"),
     Index("ix_jobrunner_executions_status_created", "status", "created_at"),
     Index("ix_jobrunner_executions_queue_created", "queue", "created_at"),
+    Index("ix_jobrunner_executions_queue_status_created", "queue", "status", "created_at"),
     Index("ix_jobrunner_executions_created_at", "created_at"),
     Index("ix_jobrunner_executions_finished_at", "finished_at"),
     # An idempotency key means one request of one job: unique per job, not across jobs.

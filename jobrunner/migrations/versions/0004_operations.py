@@ -32,6 +32,7 @@ _INDEXES = {
     "ix_jobrunner_executions_job_status_created": ["job", "status", "created_at"],
     "ix_jobrunner_executions_status_created": ["status", "created_at"],
     "ix_jobrunner_executions_queue_created": ["queue", "created_at"],
+    "ix_jobrunner_executions_queue_status_created": ["queue", "status", "created_at"],
     "ix_jobrunner_executions_finished_at": ["finished_at"],
 }
 
