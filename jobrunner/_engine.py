@@ -80,6 +80,12 @@ def _engine_kwargs(url: URL, options: dict[str, Any], *, is_async: bool) -> dict
         # are "overflow", closed on return and reopened on the next checkout, which at 8
         # concurrent executions costs more than the work (see docs/benchmarks.md).
         kwargs["pool_size"] = DEFAULT_POOL_SIZE
+    if url.get_backend_name() == "postgresql":
+        # A pooled connection goes stale when the server restarts or fails over, or an
+        # idle timeout ends it: test each one as it is checked out and replace a dead
+        # one, so the first statement after a restart does not fail (one round trip per
+        # checkout; pool_pre_ping=False turns it off).
+        kwargs["pool_pre_ping"] = True
     kwargs.update(options)
     return kwargs
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _queries as q
-from ._exceptions import ConfigurationError, JobRunnerError
+from ._exceptions import ConfigurationError, DatabaseUnavailable, JobRunnerError
 from ._flow import Abandoned, extra
 from ._threads import DaemonPool
 
@@ -103,6 +103,9 @@ class Pacer:
         self._clock = clock
         self.started = 0
         self._next_reap = clock()
+        self._outage_since: float | None = None
+        self._failures = 0
+        self._next_outage_log = 0.0
 
     def free(self, running: int) -> int:
         """How many executions to claim now: free slots, within the budget."""
@@ -132,6 +135,36 @@ class Pacer:
         self._next_reap = self._clock() + interval
         return True
 
+    def failed(self) -> tuple[bool, float]:
+        """A claim or reap failed (the database is away): whether to log it, how long to wait.
+
+        Logged at the first failure of an outage, then once a minute; waits back off from
+        ``poll_interval`` to :data:`MAX_OUTAGE_WAIT`, jittered so that many workers do not
+        all reconnect at the same moment when the database comes back.
+        """
+        now = self._clock()
+        if self._outage_since is None:
+            self._outage_since = now
+        self._failures += 1
+        log = now >= self._next_outage_log
+        if log:
+            self._next_outage_log = now + OUTAGE_LOG_EVERY
+        base = max(self.options.poll_interval, 0.01)
+        seconds = min(base * 2 ** (self._failures - 1), max(base, MAX_OUTAGE_WAIT))
+        return log, seconds * random.uniform(0.9, 1.1)
+
+    def recovered(self) -> float | None:
+        """A claim succeeded: how long the outage it ends lasted (None if there was none)."""
+        if self._outage_since is None:
+            return None
+        lasted = self._clock() - self._outage_since
+        self._outage_since, self._failures, self._next_outage_log = None, 0, 0.0
+        return lasted
+
+    def outage(self) -> float:
+        """Seconds since the current outage began (0 without one)."""
+        return 0.0 if self._outage_since is None else self._clock() - self._outage_since
+
     def wait(self) -> float:
         """How long to sleep before polling again: jittered, and never past a reap."""
         seconds = self.options.poll_interval * random.uniform(0.9, 1.1)
@@ -140,8 +173,38 @@ class Pacer:
         return seconds
 
 
+#: The longest a worker waits between tries while its database is unreachable.
+MAX_OUTAGE_WAIT = 5.0
+#: While the database stays unreachable, a worker says so this often (seconds).
+OUTAGE_LOG_EVERY = 60.0
+
+
 def _log_error(what: str, exc: BaseException) -> None:
     logger.warning("worker: %s failed (%s: %s); will try again", what, type(exc).__name__, exc)
+
+
+def _database_failed(pacer: Pacer, what: str, exc: BaseException) -> float:
+    """Log a failed claim or reap (once per outage and minute); how long to wait."""
+    log, seconds = pacer.failed()
+    if log:
+        lasted = pacer.outage()
+        since = f" for {lasted:.0f} s" if lasted >= 1 else ""
+        logger.warning(
+            "worker: %s failed (%s: %s); the database has been unreachable%s, trying again "
+            "with backoff (up to %.0f s between tries)",
+            what,
+            type(exc).__name__,
+            exc,
+            since,
+            MAX_OUTAGE_WAIT,
+        )
+    return seconds
+
+
+def _database_back(pacer: Pacer) -> None:
+    lasted = pacer.recovered()
+    if lasted is not None:
+        logger.warning("worker: the database is reachable again after %.1f s", lasted)
 
 
 @contextlib.contextmanager
@@ -175,6 +238,7 @@ class _Loop:
     def __init__(self, options: WorkOptions) -> None:
         self.options = options
         self.pacer = Pacer(options)
+        self._away = options.poll_interval  # the wait after a failed claim (backed off)
         self._hard = False
         self._results: list[Execution] = []
         self._fatal: BaseException | None = None
@@ -186,6 +250,16 @@ class _Loop:
     def _failed(self, state: AttemptState, exc: BaseException) -> None:
         """An execution's drive raised: logged, or (KeyboardInterrupt, SystemExit) the
         worker stops too and raises it when it has drained."""
+        if isinstance(exc, DatabaseUnavailable):
+            logger.warning(
+                "worker: execution %s could not write to the database (%s); it stays running "
+                "until its lease expires, then a reaper (any worker) moves it on as its retry "
+                "policy says",
+                state.execution_id,
+                exc,
+                extra=extra(state),
+            )
+            return
         if isinstance(exc, Exception):
             logger.exception(
                 "worker: execution %s stopped with an error",
@@ -265,8 +339,8 @@ class SyncWorker(_Loop):
                 except JobRunnerError as exc:
                     _log_error("reaping", exc)
             claimed = self._claim()
-            if claimed is None:  # the database is away: poll again later
-                self._wake.wait(self.options.poll_interval)
+            if claimed is None:  # the database is away: try again after a backoff
+                self._wake.wait(self._away)
                 continue
             with self._lock:
                 running = self._running
@@ -282,8 +356,9 @@ class SyncWorker(_Loop):
         try:
             states = self.runner._claim_batch(free, self.options.queues)
         except JobRunnerError as exc:
-            _log_error("claiming", exc)
+            self._away = _database_failed(self.pacer, "claiming", exc)
             return None
+        _database_back(self.pacer)
         for state in states:
             self._start(state)
         self.pacer.claimed(len(states))
@@ -432,8 +507,8 @@ class AsyncWorker(_Loop):
                 except JobRunnerError as exc:
                     _log_error("reaping", exc)
             claimed = await self._claim()
-            if claimed is None:
-                await self._sleep(self.options.poll_interval)
+            if claimed is None:  # the database is away: try again after a backoff
+                await self._sleep(self._away)
                 continue
             if self.pacer.done(len(self._tasks), claimed):
                 return
@@ -451,8 +526,9 @@ class AsyncWorker(_Loop):
         try:
             states = await self.runner._claim_batch(free, self.options.queues)
         except JobRunnerError as exc:
-            _log_error("claiming", exc)
+            self._away = _database_failed(self.pacer, "claiming", exc)
             return None
+        _database_back(self.pacer)
         for state in states:
             task = asyncio.ensure_future(self._run_one(state))
             self._tasks.add(task)

@@ -62,34 +62,66 @@ def _pg_bin(tool: str) -> str | None:
     return candidates[-1] if candidates else None
 
 
+class Cluster:
+    """A PostgreSQL cluster of the test's own (initdb + pg_ctl): it may stop and start it."""
+
+    def __init__(self, initdb: str, pg_ctl: str) -> None:
+        self.pg_ctl = pg_ctl
+        self.datadir = tempfile.mkdtemp(prefix="jobrunner-pg-")
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.datadir, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = make_url(f"postgresql://postgres@127.0.0.1:{self.port}/postgres")
+        subprocess.run([*self.as_user, initdb, "-D", self.datadir, "-A", "trust", "-U",
+                        "postgres"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", self.datadir, "-w", "-l",
+                        f"{self.datadir}/log", "-o",
+                        f"-p {self.port} -k {self.datadir} -c listen_addresses=127.0.0.1 "
+                        "-c fsync=off", "start"], check=True, capture_output=True)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: ``fast`` ends every session (a restart), ``immediate`` crashes."""
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", self.datadir, "-w", "-m", mode,
+                        "stop"], check=True, capture_output=True)
+
+    def remove(self) -> None:
+        subprocess.run([*self.as_user, self.pg_ctl, "-D", self.datadir, "-m", "immediate",
+                        "stop"], capture_output=True)
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def _throwaway_cluster() -> Iterator[URL | None]:
+def throwaway_cluster() -> Iterator[Cluster | None]:
+    """A new, started cluster (None without initdb/pg_ctl), removed afterwards."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         yield None
         return
-    datadir = tempfile.mkdtemp(prefix="jobrunner-pg-")
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(datadir, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
     try:
-        subprocess.run([*as_user, initdb, "-D", datadir, "-A", "trust", "-U", "postgres"],
-                       check=True, capture_output=True)
-        subprocess.run([*as_user, pg_ctl, "-D", datadir, "-w", "-l", f"{datadir}/log", "-o",
-                        f"-p {port} -k {datadir} -c listen_addresses=127.0.0.1 -c fsync=off",
-                        "start"], check=True, capture_output=True)
+        cluster = Cluster(initdb, pg_ctl)
     except (subprocess.CalledProcessError, OSError):
-        shutil.rmtree(datadir, ignore_errors=True)
         yield None
         return
     try:
-        yield make_url(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+        cluster.start()
+    except (subprocess.CalledProcessError, OSError):
+        cluster.remove()
+        yield None
+        return
+    try:
+        yield cluster
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", datadir, "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(datadir, ignore_errors=True)
+        cluster.remove()
+
+
+@contextlib.contextmanager
+def _throwaway_cluster() -> Iterator[URL | None]:
+    with throwaway_cluster() as cluster:
+        yield None if cluster is None else cluster.url
 
 
 @contextlib.contextmanager

@@ -334,3 +334,27 @@ async def test_after_the_grace_period_a_stuck_thread_is_left_to_the_reaper(
     finally:
         release.set()
         await runner.aclose()
+
+
+def test_a_database_outage_backs_off_and_is_logged_once_a_minute() -> None:
+    """The pacing of failed claims, on a fake clock: no I/O, no waiting."""
+    from jobrunner._worker import MAX_OUTAGE_WAIT, OUTAGE_LOG_EVERY, Pacer, WorkOptions
+
+    now = [1000.0]
+    pacer = Pacer(WorkOptions(poll_interval=0.5), clock=lambda: now[0])
+    assert pacer.recovered() is None  # no outage yet
+    logged, waits = [], []
+    for _ in range(12):
+        log, wait = pacer.failed()
+        logged.append(log)
+        waits.append(wait)
+        now[0] += wait
+    assert logged[0] and not any(logged[1:])  # under a minute: said once
+    assert waits[0] < 0.6 and waits[1] > waits[0] and waits[2] > waits[1]  # backing off
+    assert max(waits) <= MAX_OUTAGE_WAIT * 1.1  # jitter at most 10 %
+    now[0] += OUTAGE_LOG_EVERY
+    assert pacer.failed()[0]  # a minute later it says so again
+    lasted = pacer.recovered()
+    assert lasted is not None and lasted == pytest.approx(sum(waits) + OUTAGE_LOG_EVERY)
+    assert pacer.recovered() is None
+    assert pacer.failed()[1] < 0.6  # a new outage starts from poll_interval again
