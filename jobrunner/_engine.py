@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import weakref
 from pathlib import Path
@@ -34,20 +35,74 @@ _INSTALL_HINT = {
 }
 
 
+#: Environment variable naming the execution store when no URL is given.
+URL_ENV = "JOBRUNNER_DATABASE_URL"
+
+# user:password@ in anything that looks like a URL or a DSN, parsed or not.
+_CREDENTIALS = re.compile(
+    r"(?P<user>(?:://|^|(?<=[\s'\"=]))[^\s:/@'\"]*):(?P<secret>[^\s@'\"/][^\s@'\"]*)@"
+)
+_DSN_PASSWORD = re.compile(r"(?P<key>password\s*=\s*)(?P<secret>'[^']*'|\S+)", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with every password in it (``user:secret@``, ``password=``) as ``***``."""
+    text = _CREDENTIALS.sub(r"\g<user>:***@", text)
+    return _DSN_PASSWORD.sub(r"\g<key>***", text)
+
+
 def database_url(url: str | URL | None) -> str | URL:
-    """The URL given, else ``JOBRUNNER_DATABASE_URL``, else the embedded SQLite file."""
-    return url or os.environ.get("JOBRUNNER_DATABASE_URL") or DEFAULT_URL
+    """The URL given, else ``JOBRUNNER_DATABASE_URL``, else the embedded SQLite file.
+
+    An empty URL is an error, given or in the environment: ``--database-url "$UNSET"``
+    must not quietly write to a local file instead of the database meant.
+    """
+    if url is not None:
+        if not str(url).strip():
+            raise ConfigurationError(
+                "the database URL is empty; give one like 'postgresql://user@host/dbname' "
+                f"or 'sqlite:///jobrunner.db' (or leave it out to use {URL_ENV}, else "
+                f"{DEFAULT_URL})"
+            )
+        return url
+    env = os.environ.get(URL_ENV)
+    if env is not None:
+        if not env.strip():
+            raise ConfigurationError(
+                f"{URL_ENV} is set but empty; set it to a URL like "
+                f"'postgresql://user@host/dbname', or unset it to use {DEFAULT_URL}"
+            )
+        return env
+    return DEFAULT_URL
+
+
+#: Schemes hosting providers hand out that SQLAlchemy does not know by that name.
+_SCHEME_ALIASES = {"postgres": "postgresql"}
 
 
 def parse_url(url: str | URL, *, is_async: bool) -> URL:
-    """Parse ``url`` and pick a driver suited to a sync or async runner."""
+    """Parse ``url`` and pick a driver suited to a sync or async runner.
+
+    Errors never show a password: an unparsable URL is described by its shape only.
+    """
+    if isinstance(url, str):
+        scheme, sep, rest = url.partition("://")
+        base, plus, driver_name = scheme.partition("+")
+        if sep and base in _SCHEME_ALIASES:
+            url = f"{_SCHEME_ALIASES[base]}{plus}{driver_name}{sep}{rest}"
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except ArgumentError:
         raise ConfigurationError(
-            f"could not parse database URL {str(url)!r}; expected e.g. "
-            "'sqlite:///jobrunner.db' or 'postgresql+psycopg://user@host/dbname'"
-        ) from exc
+            f"could not parse database URL {redact(str(url))!r}: a URL needs a scheme, "
+            "e.g. 'sqlite:///jobrunner.db' or 'postgresql://user@host:5432/dbname'"
+        ) from None
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise ConfigurationError(
+            f"invalid database URL {redact(str(url))!r}: {redact(str(exc))}; expected e.g. "
+            "'postgresql://user@host:5432/dbname'"
+        ) from None
+    _check_port(parsed)
     backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
     if backend not in _SYNC_DRIVERS:
         raise ConfigurationError(
@@ -71,7 +126,7 @@ def _engine_kwargs(url: URL, options: dict[str, Any], *, is_async: bool) -> dict
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False}
-        if is_memory_sqlite(url):
+        if is_memory_sqlite(url) and "poolclass" not in options:
             # One connection holds the whole in-memory database; callers queue for it.
             pool = AsyncAdaptedQueuePool if is_async else QueuePool
             kwargs.update(poolclass=pool, pool_size=1, max_overflow=0)
@@ -178,9 +233,22 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, *, memory: bool) -> None:
         conn.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
 
+def _check_port(url: URL) -> None:
+    try:
+        port = url.port
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"invalid port in database URL {display_url(url)}: {exc}"
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ConfigurationError(
+            f"invalid port {port} in database URL {display_url(url)}: ports are 1-65535"
+        )
+
+
 def display_url(url: str | URL) -> str:
-    """The URL with its password hidden, for messages."""
+    """The URL with its password hidden, for messages (even when it does not parse)."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return str(url)
+    except (ArgumentError, ValueError):
+        return redact(str(url))

@@ -15,6 +15,23 @@ class WrongEventLoop(ConfigurationError):
     to it, never recorded as the job's failure."""
 
 
+#: Storage failures (SQLite's messages, PostgreSQL's) and what to do about them.
+_STORAGE = (
+    ("database or disk is full", "the disk (or the SQLite page limit) is full; free space"),
+    ("no space left on device", "the disk is full; free space on the database's volume"),
+    ("could not extend file", "the server's disk is full; free space on its data volume"),
+    ("disk i/o error", "the disk reported an I/O error; check the volume and its health"),
+    (
+        "readonly database",
+        "the database file (or its folder, where SQLite keeps its -wal and -shm files) is "
+        "read-only for this user; fix its permissions",
+    ),
+    (
+        "unable to open database file",
+        "SQLite cannot open the file; check that its folder exists and is writable",
+    ),
+)
+
 _MISSING_TABLE = ("no such table", "does not exist", "undefinedtable")
 _WRONG_LOOP = ("attached to a different loop", "another operation is in progress")
 
@@ -44,6 +61,12 @@ def translate(exc: BaseException, url: str) -> Exception | None:
             "long write transaction (a stuck worker, a migration, a shell with an open "
             "transaction): find it, or raise busy_timeout; with many writers, use PostgreSQL."
         )
+    for marker, advice in _STORAGE:
+        if marker in text:
+            return DatabaseUnavailable(
+                f"the database at {url} could not write: {advice}. This statement's "
+                "transaction was rolled back: nothing of it was stored."
+            )
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError) or getattr(
         exc, "connection_invalidated", False
     ):

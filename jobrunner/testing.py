@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from ._clock import db_now
-from ._engine import make_sync_engine
+from ._engine import is_memory_sqlite, make_sync_engine, parse_url
+from ._exceptions import ConfigurationError
 from ._lifecycle import WAITING
 from ._schema import TERMINAL_STATUSES, ExecutionStatus, attempts, executions
 
@@ -36,10 +37,28 @@ class _Seen:
 class InvariantChecker:
     """Checks the execution store at ``database_url`` for broken invariants."""
 
-    def __init__(self, database_url: str | URL, *, reap_grace: float | None = 30.0) -> None:
+    def __init__(
+        self, database_url: str | URL | sa.Engine, *, reap_grace: float | None = 30.0
+    ) -> None:
+        """Check the store at ``database_url``, or on ``engine`` (e.g. ``runner.engine``).
+
+        An in-memory SQLite database is private to the engine that made it: pass that
+        runner's ``engine`` rather than the URL.
+        """
         self.reap_grace = reap_grace
-        self._engine = make_sync_engine(database_url, poolclass=sa.pool.NullPool)
         self._seen: dict[uuid.UUID, _Seen] = {}
+        self._owned = not isinstance(database_url, sa.Engine)
+        if isinstance(database_url, sa.Engine):
+            self._engine = database_url
+            return
+        if is_memory_sqlite(parse_url(database_url, is_async=False)):
+            raise ConfigurationError(
+                f"InvariantChecker({str(database_url)!r}): an in-memory SQLite database is "
+                "private to the engine that made it, so a checker with its own engine would "
+                "see an empty database; pass the runner's engine instead "
+                "(InvariantChecker(runner.engine)), or use a file"
+            )
+        self._engine = make_sync_engine(database_url, poolclass=sa.pool.NullPool)
 
     def check(self) -> list[str]:
         """Every violation found now (and since the last call), as readable lines."""
@@ -68,7 +87,8 @@ class InvariantChecker:
 
     def close(self) -> None:
         """Release the checker's database engine."""
-        self._engine.dispose()
+        if self._owned:
+            self._engine.dispose()
 
     def _check_row(self, row: sa.RowMapping, ledger_rows: int, now: datetime) -> list[str]:
         eid, status = row["id"], row["status"]

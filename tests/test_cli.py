@@ -362,7 +362,7 @@ BAD_INPUT = [
     ),
     pytest.param(["run", "tests.gret"], 1, "did you mean 'tests.greet'", id="unknown-job"),
     pytest.param(
-        ["--app", "no_such_module_xyz", "list"], 1, "cannot import --app module", id="bad-app"
+        ["--app", "no_such_module_xyz", "jobs"], 1, "cannot import --app module", id="bad-app"
     ),
 ]
 

@@ -130,8 +130,9 @@ def test_a_full_disk_on_sqlite_stores_nothing_half_and_leaves_nothing_running(
         assert execution.status is ExecutionStatus.FAILED and execution.phase == "execute"
         assert (execution.error_type or "").startswith("jobrunner.")
         assert not execution.checkpointed
-        with pytest.raises(JobRunnerError):
+        with pytest.raises(JobRunnerError, match="is full; free space") as full:
             runner.submit(Big, {"pad": "y" * 600_000})
+        assert "server is running" not in str(full.value)
         assert [e.id for e in runner.list()] == [execution.id]  # nothing half-stored
         assert runner.list(status="running") == []
         limit["pages"] = 1_000_000  # room again

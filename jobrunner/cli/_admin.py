@@ -11,7 +11,7 @@ from rich.text import Text
 from .. import _migrate
 from .._engine import database_url, display_url, make_sync_engine
 from .._errors_db import framework_sql
-from .._exceptions import JobRunnerError
+from .._exceptions import ConfigurationError, JobRunnerError
 from .._job import PhasedJob
 from ._context import engine_options, registry, resolve_url, settings
 from ._errors import one_line, one_line_errors
@@ -23,7 +23,7 @@ from ._tables import executions_table
 @one_line_errors
 def check(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Check the database schema and that every registered job imports by its handler path."""
-    results = [_check_database(resolve_url(ctx)), *_check_jobs()]
+    results = [_check_database(resolve_url(ctx)), *_check_jobs(ctx)]
     ok = all(passed for _, passed, _ in results)
     if as_json:
         emit_json({"ok": ok, "checks": [{"name": n, "ok": p, "detail": d} for n, p, d in results]})
@@ -67,8 +67,11 @@ def _schema_state(url: str) -> tuple[str | None, list[Any]]:
         engine.dispose()
 
 
-def _check_jobs() -> list[tuple[str, bool, str]]:
-    registered = list(registry())
+def _check_jobs(ctx: typer.Context) -> list[tuple[str, bool, str]]:
+    try:
+        registered = list(registry(ctx))
+    except ConfigurationError as exc:  # an --app module that does not import
+        return [("jobs", False, str(exc))]
     if not registered:
         # A readiness probe asks "is the database reachable and migrated?" and nothing
         # more: that passes. Jobs are checked when --app names the modules defining them.
@@ -139,14 +142,18 @@ def demo(
     database_url_opt: Annotated[
         str | None,
         typer.Option(
-            "--database-url", envvar="JOBRUNNER_DATABASE_URL", help="Where to store executions."
+            "--database-url",
+            help="Where to store executions (the global --database-url works too).",
         ),
     ] = None,
 ) -> None:
     """Run two example jobs (one succeeds, one fails after retries) and show the table."""
     from .._demo import run_demo
 
-    url = str(database_url(database_url_opt or settings(ctx).url))
+    # This option, else the global one (which reads JOBRUNNER_DATABASE_URL), else the
+    # default: an explicit option always wins over the environment.
+    given = database_url_opt if database_url_opt is not None else settings(ctx).url
+    url = str(database_url(given))
     executions = run_demo(url)
     console.print(f"Ran the demo jobs on [bold]{display_url(url)}[/]:")
     console.print(executions_table(executions))

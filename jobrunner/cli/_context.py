@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .._engine import database_url, is_memory_sqlite, parse_url
+from .._engine import database_url, is_memory_sqlite, parse_url, redact
 from .._exceptions import ConfigurationError, SchemaMissing
 from .._registry import Registry
 from .._runner import JobRunner
@@ -28,6 +28,9 @@ class Settings:
     """What the global options leave for the command (on ``ctx.obj``)."""
 
     url: str | None
+    #: ``--app`` modules not imported yet: imported when a command first needs the jobs,
+    #: so a module that fails to import blocks neither ``--help`` nor ``list``.
+    apps: list[str] = dataclasses.field(default_factory=list)
 
 
 @one_line_errors
@@ -57,12 +60,11 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="Debug logs and tracebacks.")] = False,
 ) -> None:
     """Inspect and operate jobrunner executions."""
-    ctx.obj = Settings(url=url)
+    ctx.obj = Settings(url=url, apps=list(apps or []))
     debug_flag.set(debug)
     _configure_logging(
         ctx, logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     )
-    _import_apps(apps or [])
 
 
 class _LineFormatter(logging.Formatter):
@@ -73,7 +75,7 @@ class _LineFormatter(logging.Formatter):
         self.tracebacks = tracebacks
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        line = f"{record.levelname.lower()}: {redact(record.getMessage())}"
         if self.tracebacks and record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -112,8 +114,22 @@ def _import_apps(apps: Sequence[str]) -> None:
             ) from exc
 
 
-def registry() -> Registry:
-    """The registry the commands read: ``jobrunner.cli.default_registry``."""
+def registry(ctx: typer.Context | None = None, *, required: bool = True) -> Registry:
+    """The registry the commands read: ``jobrunner.cli.default_registry``.
+
+    Imports the ``--app`` modules first (once). When one fails to import, ``required``
+    commands (they run or check jobs) fail with the import error; the others (they
+    read or change rows) say so in a warning and go on without those jobs.
+    """
+    settings_ = ctx.find_object(Settings) if ctx is not None else None
+    if settings_ is not None and settings_.apps:
+        apps, settings_.apps = settings_.apps, []
+        try:
+            _import_apps(apps)
+        except ConfigurationError as exc:
+            if required:
+                raise
+            logging.getLogger("jobrunner").warning("%s; going on without its jobs", exc)
     # Read from the package at call time, so replacing that one attribute (as the tests
     # do) reaches every command.
     from . import default_registry
@@ -153,5 +169,6 @@ def engine_options(url: str, *, is_async: bool = False) -> dict[str, Any]:
 def open_runner(ctx: typer.Context) -> Iterator[JobRunner]:
     """A sync runner on the command's database, closed when the command ends."""
     url = resolve_url(ctx)
-    with JobRunner(url, **engine_options(url)) as runner:
+    jobs = registry(ctx, required=False)
+    with JobRunner(url, registry=jobs, **engine_options(url)) as runner:
         yield runner

@@ -10,6 +10,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from sqlalchemy.exc import SQLAlchemyError
 
+from .._engine import redact
 from .._exceptions import JobRunnerError
 
 P = ParamSpec("P")
@@ -53,5 +54,5 @@ def _describe(exc: Exception) -> tuple[str, int]:
 
 
 def one_line(text: str) -> str:
-    """``text`` with every run of whitespace, newlines included, as one space."""
-    return " ".join(text.split())
+    """``text`` on one line (every run of whitespace as one space), passwords hidden."""
+    return redact(" ".join(text.split()))

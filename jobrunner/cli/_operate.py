@@ -170,7 +170,7 @@ def run(
 ) -> None:
     """Run a job inline in this process and show how it ended (exit 1 unless it succeeded)."""
     payload = parse_job_args(args)
-    job_cls = registry().resolve(job)
+    job_cls = registry(ctx).resolve(job)
     url = resolve_url(ctx)
     options = engine_options(url)
     if job_cls.spec.async_phases:

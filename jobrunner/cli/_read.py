@@ -118,9 +118,9 @@ def stats(
 
 
 @one_line_errors
-def jobs(as_json: JsonOption = False) -> None:
+def jobs(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Registered jobs: handler path, phases, retry policy, timeout."""
-    registered = list(registry())
+    registered = list(registry(ctx))
     if as_json:
         emit_json({"jobs": [job_json(job) for job in registered]})
     elif registered:

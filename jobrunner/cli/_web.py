@@ -59,7 +59,7 @@ def web(
             "anyone who reaches this port can see every execution's args and errors",
             err=True,
         )
-    runner = JobRunner(url, registry=registry(), **engine_options(url))
+    runner = JobRunner(url, registry=registry(ctx), **engine_options(url))
     app = create_app(runner, read_only=not actions)
     mode = "with actions" if actions else "read-only"
     typer.echo(f"jobrunner dashboard ({mode}) on http://{host}:{port}/", err=True)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from .._hooks import uninstall
+from .._registry import Registry
 from .._runner import AsyncJobRunner, JobRunner
 from ._context import engine_options, registry, resolve_url
 from ._errors import one_line_errors
@@ -111,7 +112,7 @@ def worker(
     url = resolve_url(ctx)
     if metrics_port is not None:
         ctx.call_on_close(_serve_metrics(url, metrics_port))
-    jobs = registry()
+    jobs = registry(ctx)
     use_async = runner_kind is RunnerKind.ASYNC or (
         runner_kind is RunnerKind.AUTO and any(job.spec.async_phases for job in jobs)
     )
@@ -124,7 +125,7 @@ def worker(
         "handle_signals": True,
     }
     if use_async:
-        asyncio.run(_work_async(url, heartbeat_interval, options))
+        asyncio.run(_work_async(url, jobs, heartbeat_interval, options))
         return
     with JobRunner(
         url, registry=jobs, heartbeat_interval=heartbeat_interval, **engine_options(url)
@@ -132,10 +133,12 @@ def worker(
         runner.work(**options)
 
 
-async def _work_async(url: str, heartbeat_interval: float, options: dict[str, Any]) -> None:
+async def _work_async(
+    url: str, jobs: Registry, heartbeat_interval: float, options: dict[str, Any]
+) -> None:
     async with AsyncJobRunner(
         url,
-        registry=registry(),
+        registry=jobs,
         heartbeat_interval=heartbeat_interval,
         **engine_options(url, is_async=True),
     ) as runner:
