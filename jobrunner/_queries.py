@@ -1032,8 +1032,8 @@ def job_stats(
     conn: Connection,
     *,
     since: datetime | None = None,
-    sample: int = STATS_SAMPLE,
-    cap: int = STATS_COUNT_CAP,
+    sample: int | None = None,
+    cap: int | None = None,
 ) -> list[JobStats]:
     """Counts per job and status, with p50/p95 durations, for executions created since.
 
@@ -1043,8 +1043,11 @@ def job_stats(
     (then ``capped``: at least that many); percentiles are over the durations of the
     newest ``sample`` executions of each job and status in the window (``sampled``
     when there were more; ``sample_size`` how many durations they hold). So at most
-    jobs x statuses x (``cap`` index entries + ``sample`` rows) are read.
+    jobs x statuses x (``cap`` index entries + ``sample`` rows) are read. ``sample``
+    and ``cap`` default to :data:`STATS_SAMPLE` and :data:`STATS_COUNT_CAP`.
     """
+    sample = STATS_SAMPLE if sample is None else sample
+    cap = STATS_COUNT_CAP if cap is None else cap
     if conn.dialect.name == "postgresql":
         # The sample's UNION ALL is estimated costly enough for JIT, whose compiling
         # alone takes longer than the query (200 ms for a few dozen jobs).
