@@ -104,6 +104,8 @@ def serve(app: Any) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        # Open event streams never end by themselves: do not wait for them.
+        server.force_exit = True
         server.should_exit = True
         thread.join()
         sock.close()

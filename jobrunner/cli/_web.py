@@ -64,7 +64,8 @@ def web(
     mode = "with actions" if actions else "read-only"
     typer.echo(f"jobrunner dashboard ({mode}) on http://{host}:{port}/", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # Open pages hold event streams that never end: give them a moment, then go.
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     finally:
         runner.close()
 
