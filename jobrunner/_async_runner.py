@@ -156,7 +156,6 @@ class AsyncJobRunner(_RunnerBase):
             self.loop_monitor = LoopMonitor(
                 interval=loop_monitor_interval, threshold_ms=loop_lag_threshold_ms
             )
-            self.loop_monitor.add_listener(self._inflight.note_lag)
             for instrument in self._instruments:
                 self.loop_monitor.add_listener(instrument.loop_lag)
 

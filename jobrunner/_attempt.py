@@ -220,7 +220,7 @@ class AttemptState:
             self.timings[key] = (time.perf_counter() - self.phase_started) * 1000
 
     def note_lag(self, lag_ms: float) -> None:
-        """Keep the largest event-loop lag seen during this attempt."""
+        """Keep the longest this attempt's own code held the event loop in one step."""
         if self.max_lag_ms is None or lag_ms > self.max_lag_ms:
             self.max_lag_ms = lag_ms
 

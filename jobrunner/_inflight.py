@@ -123,11 +123,6 @@ class InFlight:
         """True when nothing is in flight."""
         return not self._items
 
-    def note_lag(self, lag_ms: float) -> None:
-        """Every attempt in flight saw this much event-loop lag."""
-        for running in list(self._items.values()):
-            running.state.note_lag(lag_ms)
-
     def leases(self) -> list[tuple[uuid.UUID, int, float]]:
         """(id, token, lease seconds) of every attempt whose lease is committed and held.
 

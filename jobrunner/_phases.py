@@ -30,7 +30,7 @@ from ._flow import Abandoned, End, Executed
 from ._inflight import Running
 from ._job import JobContext, PhasedJob
 from ._lifecycle import Outcome
-from ._monitor import LoopHealth, PhaseInfo, phase_context, timed_steps
+from ._monitor import LoopHealth, PhaseInfo, phase_context, time_child_tasks, timed_steps
 from ._records import Execution
 from ._schema import ExecutionStatus
 from ._session import PhaseSession, SessionScope
@@ -413,6 +413,7 @@ class AsyncPhases:
         if self.health is None:
             return coro
         info = PhaseInfo(str(state.execution_id), state.job_cls.name, state.phase or "", state)
+        time_child_tasks(asyncio.get_running_loop())
         return timed_steps(coro, info, self.health)
 
     async def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
