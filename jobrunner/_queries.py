@@ -691,28 +691,32 @@ def list_executions(
     statuses = None if status is None else sorted({str(s) for s in status})
     if statuses == []:
         return []
-    window = [] if since is None else [E.created_at >= since]
+    if statuses is None and job is not None:
+        statuses = list(_ALL_STATUSES)
+    params: dict[str, Any] = {"job": job, "queue": queue, "since": since, "limit": limit}
+    params.update({f"s{i}": s for i, s in enumerate(statuses or ())})
+    stmt = _list_statement(
+        len(statuses or ()), job is not None, queue is not None, since is not None
+    )
+    return [Execution.from_row(r) for r in conn.execute(stmt, params).mappings()]
+
+
+@functools.lru_cache(maxsize=128)
+def _list_statement(statuses: int, job: bool, queue: bool, windowed: bool) -> Any:
+    """The list query of one filter shape, built once: one newest-first index read per
+    status (parameters ``s0``, ``s1``...), merged, or a single one without statuses."""
+    where = [E.job == bindparam("job")] if job else []
+    where += [E.queue == bindparam("queue")] if queue else []
+    where += [E.created_at >= bindparam("since", type_=E.created_at.type)] if windowed else []
+    per_status = [[*where, E.status == bindparam(f"s{i}")] for i in range(statuses)]
     arms = [
-        select(executions).where(*where, *window).order_by(E.created_at.desc(), E.id).limit(limit)
-        for where in _index_prefixes(statuses, job, queue)
+        select(executions).where(*w).order_by(E.created_at.desc(), E.id).limit(bindparam("limit"))
+        for w in per_status or [where]
     ]
-    stmt = arms[0] if len(arms) == 1 else _merged(arms, limit)
-    return [Execution.from_row(r) for r in conn.execute(stmt).mappings()]
-
-
-def _index_prefixes(statuses: list[str] | None, job: str | None, queue: str | None) -> list[Any]:
-    """One WHERE per index read: equalities on an index's leading columns."""
-    if statuses is None and job is None:
-        return [[] if queue is None else [E.queue == queue]]
-    common = [E.job == job] if job is not None else []
-    common += [E.queue == queue] if queue is not None else []
-    return [[*common, E.status == s] for s in (statuses or _ALL_STATUSES)]
-
-
-def _merged(arms: Sequence[Any], limit: int) -> Any:
-    """The newest ``limit`` rows of several newest-first reads."""
+    if len(arms) == 1:
+        return arms[0]
     both = union_all(*(select(*arm.subquery().c) for arm in arms)).subquery()
-    return select(both).order_by(both.c.created_at.desc(), both.c.id).limit(limit)
+    return select(both).order_by(both.c.created_at.desc(), both.c.id).limit(bindparam("limit"))
 
 
 def list_attempts(conn: Connection, execution_id: uuid.UUID) -> list[Attempt]:
@@ -1099,15 +1103,29 @@ def _sampled_ranks(
     """Per group index: how many durations its sample holds, and those at the wanted ranks."""
     if not groups:
         return {}
-    ms = _duration_ms(conn.dialect.name)
-    window = [] if since is None else [E.created_at >= since]
-    arms = []
+    params: dict[str, Any] = {"since": since, "sample": sample}
     for i, (job, status) in enumerate(groups):
+        params.update({f"j{i}": job, f"s{i}": status})
+    stmt = _ranks_statement(conn.dialect.name, len(groups), since is not None)
+    ranks: dict[int, tuple[int, dict[int, float]]] = {}
+    for g, rn, n, value in conn.execute(stmt, params):
+        ranks.setdefault(int(g), (int(n), {}))[1][int(rn)] = float(value)
+    return ranks
+
+
+@functools.lru_cache(maxsize=64)
+def _ranks_statement(dialect: str, groups: int, windowed: bool) -> Any:
+    """Durations of the newest ``sample`` executions of each group (parameters ``j0``,
+    ``s0``...), ranked per group; only the rows around each percentile come back."""
+    ms = _duration_ms(dialect)
+    window = [E.created_at >= bindparam("since", type_=E.created_at.type)] if windowed else []
+    arms = []
+    for i in range(groups):
         newest = (
             select(ms.label("ms"))
-            .where(E.job == job, E.status == status, *window)
+            .where(E.job == bindparam(f"j{i}"), E.status == bindparam(f"s{i}"), *window)
             .order_by(E.created_at.desc())
-            .limit(sample)
+            .limit(bindparam("sample"))
             .subquery()
         )
         arms.append(select(literal(i).label("g"), newest.c.ms).where(newest.c.ms.is_not(None)))
@@ -1119,13 +1137,7 @@ def _sampled_ranks(
         func.count().over(partition_by=both.c.g).label("n"),
     ).subquery()
     wanted = [rank for pct in _PERCENTILES for rank in _rank_bounds(ranked.c.n, pct)]
-    rows = conn.execute(
-        select(ranked.c.g, ranked.c.rn, ranked.c.n, ranked.c.ms).where(ranked.c.rn.in_(wanted))
-    )
-    ranks: dict[int, tuple[int, dict[int, float]]] = {}
-    for g, rn, n, value in rows:
-        ranks.setdefault(int(g), (int(n), {}))[1][int(rn)] = float(value)
-    return ranks
+    return select(ranked.c.g, ranked.c.rn, ranked.c.n, ranked.c.ms).where(ranked.c.rn.in_(wanted))
 
 
 def _stats_row(

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._job import PHASES, PhasedJob
+from .._queries import STATS_COUNT_CAP, STATS_SAMPLE
 from .._records import Attempt, Execution, JobStats
 from .._schema import ExecutionStatus
 from ._output import console, json_default
@@ -205,7 +206,13 @@ def stats_table(rows: list[JobStats], since: str) -> Table:
     for column in table.columns[2:]:
         column.justify = "right"
     for r in rows:
-        table.add_row(Text(r.job), _status(r.status), str(r.count), _ms(r.p50_ms), _ms(r.p95_ms))
+        count = f"{r.count:,}+" if r.capped else f"{r.count:,}"
+        table.add_row(Text(r.job), _status(r.status), count, _ms(r.p50_ms), _ms(r.p95_ms))
+    if any(r.capped or r.sampled for r in rows):
+        table.caption = (
+            f"counts stop at {STATS_COUNT_CAP:,} (shown {STATS_COUNT_CAP:,}+); p50/p95 are "
+            f"over the newest {STATS_SAMPLE:,} executions of each job and status"
+        )
     return table
 
 
