@@ -25,7 +25,15 @@ from ._harness import (
 )
 
 #: Every benchmark, in the order ``all`` runs them; missing modules are skipped with a note.
-BENCHMARKS = ("throughput", "pool", "loop_lag", "memory", "prune", "celery_overhead")
+BENCHMARKS = (
+    "throughput",
+    "pool",
+    "loop_lag",
+    "memory",
+    "prune",
+    "celery_overhead",
+    "observability",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

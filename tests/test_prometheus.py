@@ -4,6 +4,7 @@ in this process (a registry of the test's own) and from `jobrunner worker --metr
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import uuid
@@ -107,7 +108,7 @@ def test_metrics_after_a_known_set_of_executions(
     for phase in ("load", "execute", "record"):
         assert value(samples, phases, job="observed.ok", phase=phase) == 3
     assert value(samples, phases, job="observed.bad", phase="execute") == 1
-    assert value(samples, phases, job="observed.bad", phase="record") is None
+    assert value(samples, phases, job="observed.bad", phase="record") == 0  # never ran
     # Buckets reach hours: a job of hours still lands in a bucket of its own.
     buckets = {
         float(dict(labels)["le"])
@@ -156,6 +157,12 @@ def test_metrics_after_a_known_set_of_executions(
     assert value(fresh, gauge, status="pending", queue="backlog") == 0
     assert value(fresh, gauge, status="retrying", queue="backlog") == 0
     assert value(fresh, "jobrunner_oldest_due_age_seconds", queue="backlog") is None  # none due
+
+    # The Grafana dashboard shipped in the docs queries only series that exist.
+    dashboard = (ROOT / "docs" / "grafana" / "jobrunner.json").read_text()
+    queried = set(re.findall(r"jobrunner_[a-z_]+", dashboard)) - {"jobrunner"}
+    scraped = {name for name, _ in fresh} | {name for name, _ in samples}
+    assert queried and queried <= scraped, sorted(queried - scraped)
 
 
 async def test_loop_lag_is_sampled(backend: Backend) -> None:

@@ -152,16 +152,11 @@ class _Attempt(AttemptObserver):
 
     def phase_started(self, phase: str) -> None:
         self._last_phase = phase
-        self._span.set_attribute("jobrunner.phase", phase)
         self._phase = self._tracer.start_span(
             phase,
             kind=SpanKind.INTERNAL,
-            attributes={
-                "jobrunner.phase": phase,
-                "jobrunner.job": self._attempt.job,
-                "jobrunner.attempt": self._attempt.attempt,
-                "messaging.message.id": self._attempt.execution_id,
-            },
+            # The attempt's span, their parent, carries the rest: each attribute costs.
+            attributes={"jobrunner.phase": phase},
         )
         self._phase_token = otel_context.attach(trace.set_span_in_context(self._phase))
 
@@ -192,6 +187,8 @@ class _Attempt(AttemptObserver):
     ) -> None:
         span = self._span
         span.set_attribute("jobrunner.outcome", outcome)
+        if self._last_phase is not None:  # the phase it ended in
+            span.set_attribute("jobrunner.phase", self._last_phase)
         if outcome != "succeeded":
             kind = error.type if error is not None else f"jobrunner.{outcome}"
             span.set_attribute("error.type", kind)

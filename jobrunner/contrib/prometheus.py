@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _queries as q
 from .._engine import database_url, make_sync_engine
 from .._exceptions import ConfigurationError
-from .._hooks import AttemptObserver, AttemptView, Instrument, install
+from .._hooks import OUTCOMES, AttemptObserver, AttemptView, Instrument, install
 
 try:
     import prometheus_client
@@ -155,13 +155,19 @@ class Metrics(Instrument):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else REGISTRY
         self.families = _families_of(self.registry)
+        self._series: dict[tuple[str, str], _Series] = {}
 
     def attempt_started(self, attempt: AttemptView) -> AttemptObserver | None:
         """Times the attempt; observes how long it waited to be claimed."""
+        series = self._series.get((attempt.job, attempt.queue))
+        if series is None:
+            series = self._series[(attempt.job, attempt.queue)] = _Series(
+                self.families, attempt.job, attempt.queue
+            )
         if attempt.due_at is not None:
             waited = (attempt.claimed_at - attempt.due_at).total_seconds()
-            self.families.queue_wait.labels(attempt.job, attempt.queue).observe(max(0.0, waited))
-        return _Attempt(self.families, attempt)
+            series.queue_wait.observe(max(0.0, waited))
+        return _Attempt(series)
 
     def reaped(self, executions: Sequence[Execution]) -> None:
         """Counts recovered executions."""
@@ -172,23 +178,31 @@ class Metrics(Instrument):
         self.families.loop_lag.observe(lag_ms / 1000)
 
 
-class _Attempt(AttemptObserver):
-    __slots__ = ("_attempt", "_families", "_started")
+class _Series:
+    """The labelled series of one (job, queue), looked up once (``labels()`` costs)."""
 
-    def __init__(self, families: _Families, attempt: AttemptView) -> None:
-        self._families = families
-        self._attempt = attempt
+    def __init__(self, families: _Families, job: str, queue: str) -> None:
+        self.queue_wait = families.queue_wait.labels(job, queue)
+        self.duration = families.duration.labels(job, queue)
+        self.phases = {p: families.phase.labels(job, p) for p in ("load", "execute", "record")}
+        self.outcomes = {o: families.executions.labels(job, queue, o) for o in OUTCOMES}
+
+
+class _Attempt(AttemptObserver):
+    __slots__ = ("_series", "_started")
+
+    def __init__(self, series: _Series) -> None:
+        self._series = series
         self._started = time.perf_counter()
 
     def phase_ended(self, phase: str, seconds: float, error: BaseException | None) -> None:
-        self._families.phase.labels(self._attempt.job, phase).observe(seconds)
+        self._series.phases[phase].observe(seconds)
 
     def attempt_ended(
         self, outcome: str, execution: Execution | None, error: ErrorInfo | None
     ) -> None:
-        job, queue = self._attempt.job, self._attempt.queue
-        self._families.executions.labels(job, queue, outcome).inc()
-        self._families.duration.labels(job, queue).observe(time.perf_counter() - self._started)
+        self._series.outcomes[outcome].inc()
+        self._series.duration.observe(time.perf_counter() - self._started)
 
 
 def instrument(registry: CollectorRegistry | None = None) -> Metrics:
