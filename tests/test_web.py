@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -47,6 +48,7 @@ def acting_client(runner: JobRunner, user: str = "alice") -> httpx.AsyncClient:
 
 
 PAGES = ("/", "/executions", "/jobs", "/queues")
+HOWTO = Path(__file__).resolve().parent.parent / "docs" / "howto" / "dashboard.md"
 
 
 async def test_every_page_renders(web_runner: JobRunner, client: httpx.AsyncClient) -> None:
@@ -401,3 +403,49 @@ def test_importing_jobrunner_leaves_starlette_alone() -> None:
     code = "import sys, jobrunner, jobrunner.cli; print('starlette' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_docs_mounting_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The how-to's FastAPI example runs: its hook refuses strangers and names the actor."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"^```python\n(.*?)^```", HOWTO.read_text(), re.S | re.M)
+    namespace: dict[str, object] = {"__name__": "dashboard_howto"}
+    exec(compile("\n\n".join(blocks), str(HOWTO), "exec"), namespace)
+    runner = namespace["runner"]
+    assert isinstance(runner, JobRunner)
+    transport = httpx.ASGITransport(app=namespace["app"])  # type: ignore[arg-type]
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            assert (await c.get("/ops/jobs/queues")).status_code == 401
+            me = {"x-forwarded-user": "alice"}
+            token = csrf_token((await c.get("/ops/jobs/queues", headers=me)).text)
+            paused = await c.post(
+                "/ops/jobs/queues/default/pause", data={"csrf_token": token}, headers=me
+            )
+            assert paused.headers["location"].startswith("/ops/jobs/queues")
+        assert [(a.action, a.actor) for a in runner.audit()] == [("pause", "alice")]
+    finally:
+        runner.close()
+
+
+async def test_error_search_reads_a_window_and_goes_on(
+    web_runner: JobRunner, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Text search reads a bounded window, says so, and "search further back" finds the rest."""
+    from jobrunner.web import _queries
+
+    monkeypatch.setattr(_queries, "SEARCH_WINDOW", 4)
+    old = [web_runner.run(Fail, {"message": f"needle {i}"}).id for i in range(3)]
+    for i in range(9):
+        web_runner.run(Fail, {"message": f"hay {i}"})
+    first = (await client.get("/executions", params={"error": "needle", "limit": "2"})).text
+    assert "No executions match." in first
+    assert "searched in 4 executions" in first
+    found: list[str] = []
+    url = "/executions?error=needle&limit=2"
+    while url:
+        html = (await client.get(url)).text
+        found += re.findall(r'<tr data-id="([0-9a-f-]+)">', html)
+        link = re.search(r'href="([^"]+)">(?:search further back|next page)</a>', html)
+        url = link.group(1).replace("&amp;", "&") if link else ""
+    assert found == [str(i) for i in reversed(old)]

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Connection,
     Select,
     and_,
+    case,
     cast,
     func,
     literal,
@@ -43,7 +44,7 @@ FAILED_STATUSES = (ExecutionStatus.FAILED.value, ExecutionStatus.TIMED_OUT.value
 #: Counts stop here; the page says "10,000+".
 COUNT_CAP = 10_000
 #: An error-text search reads at most this many of the newest matching rows per request.
-SEARCH_WINDOW = 20_000
+SEARCH_WINDOW = 5_000
 #: Charts and percentiles read at most this many of the latest finishes in their window.
 WINDOW_ROWS = 50_000
 #: Queues and jobs listed at most.
@@ -162,8 +163,8 @@ def _order(columns: Any, newest_first: bool) -> list[Any]:
     return [columns.created_at.asc(), columns.id.asc()]
 
 
-def _keys(f: Filters, limit: int) -> Select[Any]:
-    """The sort keys of the first ``limit`` matching rows.
+def _keys(f: Filters, limit: int, *extra: Any) -> Select[Any]:
+    """The sort keys (and ``extra`` columns) of the first ``limit`` matching rows.
 
     With statuses (or a job, whose index leads with job and status), one branch per
     status, each read in index order and cut at ``limit``, merged: bounded however
@@ -175,13 +176,13 @@ def _keys(f: Filters, limit: int) -> Select[Any]:
     where = _common(f)
     if not statuses:
         return (
-            select(E.created_at, E.id)
+            select(E.created_at, E.id, *extra)
             .where(*where)
             .order_by(*_order(E, f.newest_first))
             .limit(limit)
         )
     branches = [
-        select(E.created_at, E.id)
+        select(E.created_at, E.id, *extra)
         .where(E.status == s, *where)
         .order_by(*_order(E, f.newest_first))
         .limit(limit)
@@ -216,34 +217,52 @@ def _paged(rows: list[dict[str, Any]], limit: int) -> Page:
     return Page(rows=rows, next_cursor=Cursor(created_at=last["created_at"], id=last["id"]))
 
 
+def _matches(text: str) -> Any:
+    """The error type or message contains ``text`` (``%`` and ``_`` match themselves)."""
+    return or_(
+        E.error_message.icontains(text, autoescape=True),
+        E.error_type.icontains(text, autoescape=True),
+    )
+
+
 def _search_page(conn: Connection, f: Filters) -> Page:
-    """Error-text search within the newest ``SEARCH_WINDOW`` rows the other filters match."""
+    """Error-text search within the newest ``SEARCH_WINDOW`` rows the other filters match.
+
+    One pass over the window: each row says whether it matches, its rank among the
+    matches and whether it is the window's last; only the first page of matches and the
+    last row come back. Then the page's columns for those few ids.
+    """
     assert f.error is not None
-    window = _keys(f, SEARCH_WINDOW).subquery()
-    matches = or_(
-        E.error_message.icontains(f.error, autoescape=True),
-        E.error_type.icontains(f.error, autoescape=True),
-    )
-    stmt = (
-        select(*LIST_COLUMNS)
-        .join_from(executions, window, window.c.id == E.id)
-        .where(matches)
-        .order_by(*_order(window.c, f.newest_first))
-        .limit(f.limit + 1)
-    )
-    page = _paged([dict(r) for r in conn.execute(stmt).mappings()], f.limit)
-    if page.next_cursor is not None:
-        return page
+    window = _keys(f, SEARCH_WINDOW, _matches(f.error).label("hit")).subquery()
+    order = _order(window.c, f.newest_first)
+    hit = case((window.c.hit, 1), else_=0)
+    ranked = select(
+        window.c.created_at,
+        window.c.id,
+        window.c.hit,
+        func.row_number().over(order_by=order).label("rn"),
+        func.count().over().label("n"),
+        func.sum(hit).over(order_by=order).label("hits"),
+    ).subquery()
+    keep = or_(and_(ranked.c.hit, ranked.c.hits <= f.limit + 1), ranked.c.rn == ranked.c.n)
+    rows = conn.execute(select(ranked).where(keep).order_by(ranked.c.rn)).all()
+    hits = [r.id for r in rows if r.hit]
+    page = _paged(_rows_by_id(conn, hits, f.newest_first), f.limit)
+    if page.next_cursor is not None or not rows:
+        return dataclasses.replace(page, searched=0) if not rows else page
     # Fewer matches than a page: say how far the search read, and where to go on.
-    edge = conn.execute(
-        select(window.c.created_at, window.c.id, func.count().over())
-        .order_by(*_order(window.c, not f.newest_first))
-        .limit(1)
-    ).first()
-    if edge is None or edge[2] < SEARCH_WINDOW:
-        return dataclasses.replace(page, searched=0 if edge is None else int(edge[2]))
-    more = Cursor(created_at=edge[0], id=edge[1])
-    return dataclasses.replace(page, searched=int(edge[2]), search_more=more)
+    last, searched = rows[-1], int(rows[-1].n)
+    if searched < SEARCH_WINDOW:
+        return dataclasses.replace(page, searched=searched)
+    more = Cursor(created_at=last.created_at, id=last.id)
+    return dataclasses.replace(page, searched=searched, search_more=more)
+
+
+def _rows_by_id(conn: Connection, ids: Sequence[Any], newest_first: bool) -> list[dict[str, Any]]:
+    if not ids:
+        return []
+    stmt = select(*LIST_COLUMNS).where(E.id.in_(ids)).order_by(*_order(E, newest_first))
+    return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
 def retryable_ids(
@@ -255,18 +274,8 @@ def retryable_ids(
         return []
     scoped = dataclasses.replace(f, status=tuple(wanted), cursor=None)
     if scoped.error is not None:
-        window = _keys(scoped, SEARCH_WINDOW).subquery()
-        stmt = (
-            select(E.id)
-            .join_from(executions, window, window.c.id == E.id)
-            .where(
-                or_(
-                    E.error_message.icontains(scoped.error, autoescape=True),
-                    E.error_type.icontains(scoped.error, autoescape=True),
-                )
-            )
-            .limit(limit)
-        )
+        window = _keys(scoped, SEARCH_WINDOW, _matches(scoped.error).label("hit")).subquery()
+        stmt = select(window.c.id).where(window.c.hit).limit(limit)
     else:
         keys = _keys(scoped, limit).subquery()
         stmt = select(keys.c.id)
