@@ -31,6 +31,7 @@ BENCHMARKS = (
     "loop_lag",
     "memory",
     "prune",
+    "reads",
     "celery_overhead",
     "observability",
 )
