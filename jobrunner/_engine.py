@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import sqlite3
+import time
 import weakref
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def _tune_sqlite(engine: Engine, busy_timeout: float, *, memory: bool) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys = ON")
         if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor, busy_timeout)
             cursor.execute("PRAGMA synchronous = NORMAL")
         cursor.close()
 
@@ -244,6 +245,26 @@ def _check_port(url: URL) -> None:
         raise ConfigurationError(
             f"invalid port {port} in database URL {display_url(url)}: ports are 1-65535"
         )
+
+
+def _set_wal(cursor: Any, busy_timeout: float) -> None:
+    """Switch to WAL, waiting up to ``busy_timeout`` for other connections to let it.
+
+    Changing the journal mode needs a lock SQLite may refuse at once, busy handler or
+    not ("database is locked" while another replica opens the same new file): try again
+    with a short backoff instead of failing a process at start-up.
+    """
+    deadline = time.monotonic() + busy_timeout
+    wait = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + wait > deadline:
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, 0.2)
 
 
 def display_url(url: str | URL) -> str:

@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL
 from ._engine import database_url, display_url, drop_if_empty, make_sync_engine, parse_url
 from ._errors_db import framework_sql
 from ._exceptions import ConfigurationError
+from ._queries import SCHEMA_LOCK
 from ._schema import UTCDateTime, metadata
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 TABLE_PREFIX = "jobrunner_"
 
 # Session-level PostgreSQL advisory lock ("jobr"): concurrent migrates wait their turn.
-_LOCK_KEY = 0x6A6F6272
+_LOCK_KEY = SCHEMA_LOCK
 
 #: ``on_step(revision, description)``: called after each revision is applied.
 StepCallback = Callable[[str, str], None]

@@ -98,8 +98,20 @@ class Lease:
 # -- schema --------------------------------------------------------------------------
 
 
+#: Advisory lock key of schema changes ("jobr"), shared with :mod:`jobrunner._migrate`.
+SCHEMA_LOCK = 0x6A6F6272
+
+
 def create_schema(conn: Connection) -> None:
-    """Create the jobrunner tables and indexes if they are missing."""
+    """Create the jobrunner tables and indexes if they are missing.
+
+    Safe from every replica at once: on PostgreSQL ``CREATE TABLE IF NOT EXISTS`` races
+    (two creators both see no table, one fails on the catalog's unique index), so
+    creators queue on an advisory lock until this transaction ends; SQLite's write
+    transaction (``BEGIN IMMEDIATE``) serialises them already.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
     metadata.create_all(conn)
 
 
