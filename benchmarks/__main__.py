@@ -32,6 +32,7 @@ BENCHMARKS = (
     "memory",
     "prune",
     "reads",
+    "dashboard",
     "celery_overhead",
     "observability",
 )
