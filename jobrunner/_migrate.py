@@ -8,6 +8,7 @@ history in the same database. Alembic is imported only when a migration runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -163,10 +164,46 @@ def _revision_of(url: URL) -> str | None:
         drop_if_empty(engine)
 
 
+#: The application's own Alembic version table, where jobrunner's revision is recorded
+#: when the app's history includes jobrunner's ("one history" mode).
+APP_VERSION_TABLE = "alembic_version"
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    """Where a database's jobrunner schema is, and which version table says so."""
+
+    revision: str | None
+    table: str | None
+
+    @property
+    def shared(self) -> bool:
+        """True in one-history mode: the application's Alembic records our revision."""
+        return self.table == APP_VERSION_TABLE
+
+
+def revision_of(conn: Connection) -> Revision:
+    """The jobrunner revision of ``conn``'s database, from whichever table records it.
+
+    ``jobrunner migrate`` records it in :data:`VERSION_TABLE`; an application that put
+    jobrunner's revisions in its own history has it in ``alembic_version``, beside its
+    own revisions (ids starting ``jobrunner_``). Never both: ``migrate`` refuses to
+    start a second record.
+    """
+    heads = _migration_context(conn).get_current_heads()
+    if heads:
+        return Revision(heads[0], VERSION_TABLE)
+    if inspect(conn).has_table(APP_VERSION_TABLE):
+        rows = conn.execute(text(f"SELECT version_num FROM {APP_VERSION_TABLE}")).scalars()
+        ours = sorted(r for r in rows if str(r).startswith("jobrunner_"))
+        if ours:
+            return Revision(ours[-1], APP_VERSION_TABLE)
+    return Revision(None, None)
+
+
 def current_revision(conn: Connection) -> str | None:
     """The jobrunner revision ``conn``'s database is at, or None if never migrated."""
-    heads = _migration_context(conn).get_current_heads()
-    return heads[0] if heads else None
+    return revision_of(conn).revision
 
 
 def schema_differences(conn: Connection) -> list[Any]:
@@ -199,6 +236,11 @@ def _upgrade(
     config = alembic_config()
     config.attributes.update(connection=conn, on_version_apply=record)
     with _serialised(conn, owned):
+        found = revision_of(conn)
+        if found.shared:
+            if owned:
+                conn.commit()
+            return _shared_history(found, revision)
         adopt = _adoptable(conn)
         if owned:
             conn.commit()  # end the inspection's implicit transaction; Alembic runs its own
@@ -208,6 +250,18 @@ def _upgrade(
         if owned:
             conn.commit()
     return applied
+
+
+def _shared_history(found: Revision, revision: str) -> list[str]:
+    """One-history mode: the application's Alembic owns our revisions; never a 2nd record."""
+    if revision in ("head", head_revision()) and found.revision == head_revision():
+        return []  # up to date: a deploy script that always migrates still passes
+    raise ConfigurationError(
+        f"this database records jobrunner's revision ({found.revision}) in your "
+        f"application's {APP_VERSION_TABLE} table (one Alembic history), so your Alembic "
+        "applies jobrunner's revisions: run `alembic upgrade heads` (or `alembic upgrade "
+        "jobrunner@head`) instead of `jobrunner migrate`"
+    )
 
 
 #: Columns of ``jobrunner_executions`` as 0.1's ``create_schema()`` made them.

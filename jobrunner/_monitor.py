@@ -202,9 +202,7 @@ def time_child_tasks(loop: asyncio.AbstractEventLoop) -> None:
     _factories.add(loop)
     previous = loop.get_task_factory()
 
-    def factory(
-        loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
-    ) -> asyncio.Future[Any]:
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         timing = _timing.get()
         if timing is not None and asyncio.iscoroutine(coro):
             coro = _child(coro, *timing)

@@ -151,10 +151,8 @@ def test_migrate_accepts_an_engine_and_downgrades_to_nothing(empty_url: str) -> 
     assert not _tables(empty_url) & JOBRUNNER_TABLES
 
 
-def test_embedding_in_the_applications_alembic_via_version_locations(
-    empty_url: str, tmp_path: Path
-) -> None:
-    """The documented multi-base setup: the app's Alembic upgrades 'heads' and gets our tables."""
+def _app_alembic(tmp_path: Path) -> Config:
+    """An application's Alembic whose history includes jobrunner's (one history)."""
     app_dir = tmp_path / "app_migrations"
     (app_dir / "versions").mkdir(parents=True)
     (app_dir / "env.py").write_text(
@@ -194,16 +192,58 @@ def test_embedding_in_the_applications_alembic_via_version_locations(
     config.set_main_option(
         "version_locations", f"{app_dir / 'versions'} jobrunner:migrations/versions"
     )
-    engine = _engine(empty_url)
+    return config
+
+
+def _app_upgrade(config: Config, url: str, target: str) -> None:
+    engine = _engine(url)
     try:
         with engine.connect() as conn:
             config.attributes["connection"] = conn
-            command.upgrade(config, "heads")
+            command.upgrade(config, target)
             conn.commit()
     finally:
         engine.dispose()
+
+
+def test_embedding_in_the_applications_alembic_via_version_locations(
+    empty_url: str, tmp_path: Path
+) -> None:
+    """The documented multi-base setup: the app's Alembic upgrades 'heads' and gets our tables."""
+    _app_upgrade(_app_alembic(tmp_path), empty_url, "heads")
     assert _tables(empty_url) >= {"app_notes", *JOBRUNNER_TABLES, "alembic_version"}
     assert _differences(empty_url) == []
+
+
+def test_one_history_has_one_record_of_jobrunners_revision(
+    empty_url: str, tmp_path: Path
+) -> None:
+    """One-history mode, through a second jobrunner revision: check reads the app's table,
+    migrate never starts a second record, and the app's next upgrade applies the rest."""
+    from typer.testing import CliRunner
+
+    from jobrunner.cli import app as cli
+
+    config = _app_alembic(tmp_path)
+    _app_upgrade(config, empty_url, "app@head")
+    _app_upgrade(config, empty_url, "jobrunner@jobrunner_0003")  # an older jobrunner release
+    checked = CliRunner().invoke(cli, ["--database-url", empty_url, "check"])
+    assert checked.exit_code == 1
+    said = " ".join(checked.stdout.split())
+    assert "schema at revision jobrunner_0003 in alembic_version" in said
+    assert "alembic upgrade heads" in said
+    with pytest.raises(ConfigurationError, match="alembic upgrade heads"):
+        jobrunner.migrate(empty_url)
+    assert VERSION_TABLE not in _tables(empty_url)  # no second record was started
+
+    _app_upgrade(config, empty_url, "heads")  # the app applies jobrunner's next revision
+    assert _differences(empty_url) == []
+    assert jobrunner.migrate(empty_url) == []  # up to date: deploy scripts still pass
+    assert VERSION_TABLE not in _tables(empty_url)
+    checked = CliRunner().invoke(cli, ["--database-url", empty_url, "check"])
+    assert checked.exit_code == 0, checked.output
+    assert f"schema at revision {head_revision()}" in checked.stdout
+    assert "create_schema" not in checked.stdout
 
 
 def test_offline_sql_for_review() -> None:

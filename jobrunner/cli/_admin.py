@@ -38,12 +38,14 @@ def check(ctx: typer.Context, as_json: JsonOption = False) -> None:
 def _check_database(url: str) -> tuple[str, bool, str]:
     name = f"database {display_url(url)}"
     try:
-        current, differences = _schema_state(url)
+        found, differences = _schema_state(url)
     except JobRunnerError as exc:
         return name, False, one_line(str(exc))
-    head = _migrate.head_revision()
+    head, current = _migrate.head_revision(), found.revision
+    upgrade = "`alembic upgrade heads`" if found.shared else "`jobrunner migrate`"
+    where = f" in {found.table}, your Alembic history" if found.shared else ""
     if current == head and not differences:
-        return name, True, f"schema at revision {head} (newest)"
+        return name, True, f"schema at revision {head} (newest{', recorded' + where})"
     if current is None and not differences:
         return name, True, "schema matches (made by create_schema(); `jobrunner migrate` adopts it)"
     if current is None:
@@ -52,17 +54,17 @@ def _check_database(url: str) -> tuple[str, bool, str]:
         return (
             name,
             False,
-            f"schema at revision {current}, newest is {head}; run `jobrunner migrate`",
+            f"schema at revision {current}{where}, newest is {head}; run {upgrade}",
         )
     return name, False, f"schema at {head} but differs from this version: {differences[0]!r}"
 
 
-def _schema_state(url: str) -> tuple[str | None, list[Any]]:
+def _schema_state(url: str) -> tuple[_migrate.Revision, list[Any]]:
     """The database's jobrunner revision and how its tables differ from this version."""
     engine = make_sync_engine(url, **engine_options(url))
     try:
         with framework_sql(display_url(url)), engine.connect() as conn:
-            return _migrate.current_revision(conn), _migrate.schema_differences(conn)
+            return _migrate.revision_of(conn), _migrate.schema_differences(conn)
     finally:
         engine.dispose()
 
