@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -389,8 +390,10 @@ def test_timeline_places_phases_and_waits() -> None:
     ])
     assert picture is not None
     kinds = [r.kind for r in picture.rects]
-    assert kinds == ["load", "execute", "wait", "load", "execute", "record"]
-    load1, execute1, wait, load2, _execute2, record2 = picture.rects
+    assert kinds == ["span", "load", "execute", "wait", "span", "load", "execute", "record"]
+    span1, load1, execute1, wait, span2, load2, _execute2, record2 = picture.rects
+    assert (span1.x, span2.x) == (load1.x, load2.x)
+    assert span1.x + span1.width == pytest.approx(wait.x)
     assert execute1.x == pytest.approx(load1.x + load1.width)
     assert wait.x == pytest.approx(load1.x + 2 * (load2.x - load1.x) / 6)  # ends at 2 s
     assert wait.x + wait.width == pytest.approx(load2.x)
@@ -449,3 +452,36 @@ async def test_error_search_reads_a_window_and_goes_on(
         link = re.search(r'href="([^"]+)">(?:search further back|next page)</a>', html)
         url = link.group(1).replace("&amp;", "&") if link else ""
     assert found == [str(i) for i in reversed(old)]
+
+
+def test_jobrunner_web_serves_read_only_on_localhost(tmp_path: Path) -> None:
+    """``jobrunner web`` serves the pages on 127.0.0.1, read-only, and stops on SIGTERM."""
+    from ._services import free_port, stop_process, wait_for
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with JobRunner(url, registry=registry()) as runner:
+        runner.create_schema()
+        failed = runner.run(Fail, {"message": "x"})
+    port = free_port()
+    cli = Path(sys.executable).parent / "jobrunner"
+    proc = subprocess.Popen(
+        [str(cli), "--database-url", url, "web", "--app", "tests.web_jobs", "--port", str(port)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _answers(base), "jobrunner web to answer")
+        assert "web.fail" in httpx.get(base + "/jobs").text  # --app imported the jobs
+        assert httpx.post(f"{base}/executions/{failed.id}/retry").status_code == 403
+    finally:
+        # uvicorn shuts down gracefully, then re-raises the signal it caught.
+        assert stop_process(proc) in (0, -signal.SIGTERM)
+    assert proc.stderr is not None
+    assert f"(read-only) on http://127.0.0.1:{port}/" in proc.stderr.read()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return httpx.get(base + "/").status_code == 200
+    except httpx.TransportError:
+        return False

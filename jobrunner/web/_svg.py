@@ -1,8 +1,9 @@
 """Geometry for the two pictures, drawn server-side as SVG (no chart library).
 
 - The phase timeline of an execution: one row per attempt on a shared time axis, the
-  attempt's load / execute / record as consecutive bars from its start, and the wait
-  before it (its retry backoff) as a thin bar from the previous attempt's end.
+  attempt's load / execute / record as consecutive bars from its start over a pale bar
+  of the whole attempt, and the wait before it (its retry backoff) as a thin bar from
+  the previous attempt's end.
 - Executions per minute over the last hour, stacked by outcome.
 
 Pure functions over plain values; the templates only place the rectangles.
@@ -77,9 +78,19 @@ def timeline(attempts: Sequence[Attempt]) -> Picture | None:
                     title=f"retry wait {_ms(wait)}",
                 )
             )
-        rects.extend(
-            _phases(attempt, LABEL + (attempt.started_at - t0).total_seconds() * scale, y, scale)
+        x = LABEL + (attempt.started_at - t0).total_seconds() * scale
+        seconds = (attempt.finished_at - attempt.started_at).total_seconds()
+        rects.append(  # the whole attempt, behind its phases: what the phases leave out
+            Rect(
+                x=x,
+                y=y,
+                width=max(seconds * scale, 1),
+                height=BAR,
+                kind="span",
+                title=f"attempt {attempt.number}: {attempt.status.value} after {_ms(seconds)}",
+            )
         )
+        rects.extend(_phases(attempt, x, y, scale))
         previous_end = attempt.finished_at
     return Picture(
         width=WIDTH,
