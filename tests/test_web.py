@@ -485,3 +485,38 @@ def _answers(base: str) -> bool:
         return httpx.get(base + "/").status_code == 200
     except httpx.TransportError:
         return False
+
+
+async def test_a_short_id_redirects_to_its_execution(
+    web_runner: JobRunner, client: httpx.AsyncClient
+) -> None:
+    """``/executions/<first hex digits>`` goes to the execution, as the CLI's short ids."""
+    ok = web_runner.run(Echo, {"text": "x"})
+    response = await client.get(f"/executions/{str(ok.id)[:8]}")
+    assert response.status_code == 302
+    assert response.headers["location"] == f"/executions/{ok.id}"
+    assert (await client.get("/executions/zzzz")).status_code == 404
+
+
+async def test_auth_hook_refusals_and_the_anonymous_actor(web_runner: JobRunner) -> None:
+    """A hook's HTTPException or PermissionError refuses; without a hook the actor is anonymous."""
+    from starlette.exceptions import HTTPException
+
+    def teapot(request: object) -> str:
+        raise HTTPException(418, "not here")
+
+    def forbidden(request: object) -> str:
+        raise PermissionError("staff only")
+
+    for hook, status, text in ((teapot, 418, "not here"), (forbidden, 403, "staff only")):
+        app = create_app(web_runner, auth=hook)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            refused = await c.get("/")
+        assert (refused.status_code, refused.text.strip()) == (status, text)
+    failed = web_runner.run(Fail, {"message": "x"})
+    app = create_app(web_runner, read_only=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        token = csrf_token((await c.get("/queues")).text)
+        await c.post(f"/executions/{failed.id}/retry", data={"csrf_token": token})
+    assert [(a.action, a.actor) for a in web_runner.audit(failed.id)] == [("retry", "anonymous")]

@@ -43,7 +43,9 @@ def create_app(
             retry and queue pause/resume are offered, as CSRF-protected POSTs, each
             recorded in ``jobrunner_audit`` with its user.
         auth: your own check: a callable (sync or async) taking the Starlette
-            ``Request`` and returning the user's name, or None to refuse with 401.
+            ``Request`` and returning the user's name, or None to refuse with 401
+            (raising ``HTTPException`` refuses with its status, ``PermissionError``
+            with 403).
             Without it, ``JOBRUNNER_WEB_USER`` and ``JOBRUNNER_WEB_PASSWORD`` turn on
             Basic auth; with neither, anyone who reaches the app may look (and act,
             if not read-only) as ``anonymous``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,8 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
 
+from .. import _queries as core
 from .._exceptions import ExecutionNotFound
 from .._lifecycle import RETRYABLE_BY_HAND
 from . import _filters, _svg
@@ -23,6 +25,8 @@ from ._store import Store
 WINDOWS = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7)}
 #: Overview numbers are shared by every page open for this long (one query set, many tabs).
 OVERVIEW_TTL_S = 2.0
+#: The first hex digits of an id (at least 4), as the CLI's tables show them.
+_PREFIX = re.compile(r"[0-9a-fA-F]{4,32}")
 
 
 class Pages:
@@ -77,7 +81,14 @@ class Pages:
         )
 
     async def execution(self, request: Request) -> Response:
-        execution_id = _parse_id(request.path_params["id"])
+        text = request.path_params["id"]
+        execution_id = _parse_id(text)
+        if execution_id is None and _PREFIX.fullmatch(text):
+            # A short id, as the CLI prints them: go to the one execution it names.
+            found = await self.store.read(core.find_ids_by_prefix, text, limit=2)
+            if len(found) == 1:
+                root = request.scope.get("root_path", "").rstrip("/")
+                return RedirectResponse(f"{root}/executions/{found[0]}", 302)
         try:
             if execution_id is None:
                 raise ExecutionNotFound("not an execution id")

@@ -3,7 +3,9 @@
 - Basic auth is on when ``JOBRUNNER_WEB_USER`` and ``JOBRUNNER_WEB_PASSWORD`` are set
   (compared in constant time). An app that mounts the dashboard passes ``auth=``
   instead: a callable (sync or async) taking the Starlette ``Request`` and returning
-  the user's name, or None to refuse (401). The name is the actor in the audit.
+  the user's name, or None to refuse (401); raising Starlette's (or FastAPI's)
+  ``HTTPException`` refuses with its status, ``PermissionError`` with 403. The name is
+  the actor in the audit.
 - CSRF: a signed double-submit cookie. The cookie holds ``nonce.hmac(secret, nonce)``;
   every form carries the same value, and a POST is refused unless the field (or an
   ``X-CSRF-Token`` header) equals the cookie *and* the signature is the server's, so a
@@ -19,9 +21,10 @@ import hmac
 import inspect
 import os
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -100,15 +103,28 @@ class AuthMiddleware:
             return
         user = ANONYMOUS
         if self.hook is not None:
-            found = self.hook(Request(scope, receive))
-            if inspect.isawaitable(found):
-                found = await found
+            try:
+                found = self.hook(Request(scope, receive))
+                if inspect.isawaitable(found):
+                    found = await found
+            except HTTPException as exc:  # the app's own refusal, as it says
+                await _refused(exc.status_code, exc.detail, exc.headers)(scope, receive, send)
+                return
+            except PermissionError as exc:
+                await _refused(403, str(exc) or "forbidden")(scope, receive, send)
+                return
             if not found:
                 await _refuse(self.hook)(scope, receive, send)
                 return
             user = str(found)
         scope.setdefault("state", {})["jobrunner_user"] = user
         await self.app(scope, receive, _with_headers(send))
+
+
+def _refused(
+    status: int, detail: str, headers: Mapping[str, str] | None = None
+) -> PlainTextResponse:
+    return PlainTextResponse(f"{detail}\n", status, headers={**(headers or {}), **SECURITY_HEADERS})
 
 
 def _refuse(hook: AuthHook) -> PlainTextResponse:
