@@ -63,6 +63,9 @@ async def test_every_page_renders(web_runner: JobRunner, client: httpx.AsyncClie
         assert str(execution_id)[:8] in listing
     detail = (await client.get(f"/executions/{ids['failed']}")).text
     assert detail.count('class="k-execute"') == 2  # one bar per attempt in the timeline
+    overview = (await client.get("/")).text
+    assert "3 finished in the last 60 minutes" in overview  # the chart's buckets add up
+    assert overview.count('class="k-succeeded"') == 1
     assert "web.fail" in (await client.get("/jobs")).text
     assert "mail" in (await client.get("/queues")).text
 
@@ -520,3 +523,42 @@ async def test_auth_hook_refusals_and_the_anonymous_actor(web_runner: JobRunner)
         token = csrf_token((await c.get("/queues")).text)
         await c.post(f"/executions/{failed.id}/retry", data={"csrf_token": token})
     assert [(a.action, a.actor) for a in web_runner.audit(failed.id)] == [("retry", "anonymous")]
+
+
+async def test_counts_stop_at_the_cap(
+    web_runner: JobRunner, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts never scan past their cap: three succeeded with a cap of two show as 2+."""
+    from jobrunner.web import _queries
+
+    monkeypatch.setattr(_queries, "COUNT_CAP", 2)
+    for i in range(3):
+        web_runner.run(Echo, {"text": str(i)})
+    web_runner.submit(Echo, {"text": "waiting"})
+    with web_runner.engine.connect() as conn:
+        counts = _queries.status_counts(conn, ["succeeded", "pending", "failed"])
+    assert counts == {"succeeded": 3, "pending": 1, "failed": 0}  # 3 = "more than 2"
+    html = (await client.get("/")).text
+    assert re.search(r"s-succeeded\">succeeded</span><b>2\+</b>", html)
+
+
+def test_phase_percentiles_agree_on_both_backends(web_runner: JobRunner) -> None:
+    """p50/p95 per phase: PostgreSQL's percentile_cont and SQLite's sort give the same."""
+    from jobrunner.web import _queries
+
+    for i in range(5):
+        web_runner.run(Echo, {"text": str(i)})
+    web_runner.run(Fail, {"message": "x"})
+    with web_runner.engine.connect() as conn:
+        stats = _queries.phase_percentiles(conn, datetime.now(UTC) - timedelta(hours=1))
+        values = sorted(
+            conn.execute(
+                sa.select(executions.c.execute_ms).where(executions.c.job == "web.echo")
+            ).scalars()
+        )
+    assert stats["web.echo"]["count"] == 5
+    assert stats["web.fail"]["count"] == 1
+    p50, p95 = stats["web.echo"]["execute"]
+    assert p50 == pytest.approx(values[2])
+    assert p95 == pytest.approx(values[3] + 0.8 * (values[4] - values[3]))  # rank 3.8
+    assert stats["web.fail"]["record"] == (None, None)  # it failed in execute: no record

@@ -16,7 +16,7 @@ import pytest
 from jobrunner import ExecutionStatus, JobRunner
 from jobrunner.web import create_app
 
-from .conftest import Backend
+from .conftest import Backend, assert_no_checked_out
 from .web_jobs import HOSTILE, Echo, Fail, registry, seed, serve
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -44,13 +44,16 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def web_runner(backend: Backend) -> Iterator[JobRunner]:
+    """A JobRunner with the dashboard tests' jobs; the server gave back its connections."""
     r = JobRunner(backend.url, registry=registry())
     yield r
+    assert_no_checked_out(r.engine.pool, "JobRunner behind the dashboard")
     r.close()
 
 
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context and page (own cookies)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     p = context.new_page()
     p.set_default_timeout(30_000)  # a bound on a broken test, not on speed
