@@ -417,3 +417,54 @@ def test_nothing_is_imported_without_the_extras(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_apscheduler_fires_are_traced(backend: Backend, tracing: Tracing) -> None:
+    """A real BackgroundScheduler fire: submitted (PRODUCER) and run (CONSUMER, its child)
+    by the fires' runner, with the instrument given through configure()."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from jobrunner.contrib import apscheduler as aps
+
+    from . import observed_jobs
+    from ._services import wait_for
+
+    aps.configure(backend.url, instruments=[OpenTelemetry(tracing.provider)])
+    scheduler = BackgroundScheduler()
+    try:
+        aps.schedule(scheduler, observed_jobs.Ok, "date", id="otel-fire")
+        scheduler.start()
+        with JobRunner(backend.url, instruments=[]) as reader:
+            [execution] = wait_for(
+                lambda: [e for e in reader.list() if e.status is ExecutionStatus.SUCCEEDED],
+                "the fire's execution",
+            )
+    finally:
+        scheduler.shutdown(wait=True)
+        aps.close_runners()
+        aps.configure()
+    assert execution.triggered_by == "apscheduler"
+    _producer_and_process(tracing, execution.id)  # shutdown(wait=True) ended the fire
+    _check_attempt(tracing, execution, "observed.ok")
+
+
+def test_unsampled_executions_make_no_spans(backend: Backend) -> None:
+    """A sampler that drops everything: executions run as usual, nothing is exported, and
+    the execute phase sees the (unsampled) attempt's context."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing()
+    with JobRunner(backend.url, registry=Registry(), instruments=[OpenTelemetry(provider)]) as r:
+        probe = r.registry.register(_probe(tracing))
+        eid = r.submit(probe, {"n": 5})
+        [done] = r.run_due()
+    provider.shutdown()
+    assert done.id == eid and done.status is ExecutionStatus.SUCCEEDED
+    assert exporter.get_finished_spans() == ()
+    stored = done.trace_context
+    assert stored is not None
+    assert int(stored["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # not sampled
+    assert done.result["span"] != 0  # the attempt's context, carried into execute

@@ -268,3 +268,27 @@ def test_worker_serves_metrics_port(postgres: Backend, tmp_path: Path) -> None:
     assert jobrunner_labels(samples) <= ALLOWED_LABELS
     assert all(statuses[i] in (ExecutionStatus.SUCCEEDED, ExecutionStatus.FAILED) for i in ids)
     assert isinstance(ids[0], uuid.UUID)
+
+
+async def test_asgi_app_serves_the_registry(backend: Backend) -> None:
+    """asgi_app(): what a Starlette/FastAPI app mounts at /metrics, text format."""
+    from jobrunner.contrib.prometheus import asgi_app
+
+    registry = CollectorRegistry()
+    runner = AsyncJobRunner(backend.url, registry=Registry(), instruments=[Metrics(registry)])
+    try:
+        assert (await runner.run(observed_jobs.Ok)).succeeded
+    finally:
+        await runner.aclose()
+    transport = httpx.ASGITransport(app=asgi_app(registry))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/metrics", headers={"accept": "application/openmetrics-text"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert value(samples, "jobrunner_executions_total", job="observed.ok", queue="default",
+                 outcome="succeeded") == 1

@@ -146,12 +146,15 @@ class _Attempt(AttemptObserver):
         self._span = span
         self._attempt = attempt
         self._token = otel_context.attach(trace.set_span_in_context(span))
+        self._recording = span.is_recording()
         self._phase: Any = None
         self._phase_token: Any = None
         self._last_phase: str | None = None
 
     def phase_started(self, phase: str) -> None:
         self._last_phase = phase
+        if not self._recording:
+            return  # not sampled: its phases would not be either; the attempt's span is current
         self._phase = self._tracer.start_span(
             phase,
             kind=SpanKind.INTERNAL,
