@@ -285,7 +285,12 @@ class _RunnerBase:
         runnable here, and without a concurrency limit (which needs the row's key)."""
         if job is None:
             return None
-        job_cls = self.registry.resolve(job)
+        # A class is code; a name may come from a message: looked up, never imported.
+        job_cls = self.registry.resolve(job) if isinstance(job, type) else None
+        if isinstance(job, str):
+            job_cls = self.registry.lookup(job)
+        if job_cls is None:
+            return None  # the row names the job
         self._check_runnable(job_cls)
         return job_cls if job_cls.max_concurrency is None else None
 

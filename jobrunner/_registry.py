@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from ._exceptions import JobDefinitionError, JobNotFound
 from ._job import PhasedJob
@@ -17,16 +17,40 @@ class Registry:
     """Maps job names and handler paths to :class:`PhasedJob` classes.
 
     Classes are registered explicitly (``registry.register(MyJob)``, usable as a class
-    decorator) or implicitly the first time a runner is handed the class. Handler paths
-    resolve lazily by importing the module, so a worker that only has an execution row
-    can find its job.
+    decorator), by being defined (subclasses register in :data:`default_registry`), or
+    the first time *your code* hands a runner the class or its handler path.
+
+    What comes from data — an execution row's handler, a Celery message's job, a stored
+    schedule — is never imported unless its module is under a prefix the application
+    allows (``Registry(allow_imports=["myapp.jobs"])`` or :meth:`allow_imports`):
+    anything else must be registered in the process that runs it (``--app``). A row
+    whose handler names any module cannot make a worker import it.
     """
 
-    def __init__(self, jobs: list[type[PhasedJob]] | None = None) -> None:
+    def __init__(
+        self, jobs: list[type[PhasedJob]] | None = None, *, allow_imports: Iterable[str] = ()
+    ) -> None:
         self._by_name: dict[str, type[PhasedJob]] = {}
+        self._by_handler: dict[str, type[PhasedJob]] = {}
+        self._allowed: tuple[str, ...] = ()
         self._lock = threading.Lock()
+        self.allow_imports(*allow_imports)
         for job in jobs or ():
             self.register(job)
+
+    def allow_imports(self, *prefixes: str) -> None:
+        """Let stored handlers under these module prefixes be imported when first needed.
+
+        ``"myapp.jobs"`` allows ``myapp.jobs`` and its submodules (``myapp.jobs.email``),
+        not ``myapp.jobsite``.
+        """
+        for prefix in prefixes:
+            cleaned = prefix.strip().rstrip(".")
+            if not cleaned or not all(part.isidentifier() for part in cleaned.split(".")):
+                raise JobDefinitionError(
+                    f"allow_imports: {prefix!r} is not a module prefix like 'myapp.jobs'"
+                )
+            self._allowed = (*self._allowed, cleaned)
 
     def register(self, job: type[PhasedJob]) -> type[PhasedJob]:
         """Add ``job``; returns it so this works as a class decorator."""
@@ -40,6 +64,7 @@ class Registry:
                     f"{job.handler} needs a different `name`"
                 )
             self._by_name[job.name] = job
+            self._by_handler[job.handler] = job
         return job
 
     def resolve(self, ref: JobRef) -> type[PhasedJob]:
@@ -55,12 +80,34 @@ class Registry:
             return self.register(self._import(ref))
         raise JobNotFound(self._unknown_message(ref))
 
+    def lookup(self, ref: str) -> type[PhasedJob] | None:
+        """A registered job by name or handler path, or None; never imports anything."""
+        return self._by_name.get(ref) or self._by_handler.get(ref)
+
     def resolve_row(self, name: str, handler: str) -> type[PhasedJob]:
-        """The job class for a stored execution: by name, else by importing its handler."""
-        found = self._by_name.get(name)
+        """The job class for a stored execution, or for a job named by a message.
+
+        By name, else by handler among registered jobs; else the handler is imported only
+        if its module is under an allowed prefix (see :meth:`allow_imports`).
+        """
+        found = self.lookup(name) or self.lookup(handler)
         if found is not None:
             return found
+        module_name = handler.partition(":")[0]
+        if not self._allows(module_name):
+            raise JobNotFound(
+                f"job {name!r} ({handler}) is not registered in this process, and jobrunner "
+                "imports no module named by stored data; import the module defining it "
+                "(`--app MODULE`, or import it where the runner is made), or allow its "
+                f"package: Registry(allow_imports=[{module_name.partition('.')[0]!r}])"
+            )
         return self.register(self._import(handler))
+
+    def _allows(self, module_name: str) -> bool:
+        return any(
+            module_name == prefix or module_name.startswith(prefix + ".")
+            for prefix in self._allowed
+        )
 
     def __iter__(self) -> Iterator[type[PhasedJob]]:
         return iter(sorted(self._by_name.values(), key=lambda job: job.name))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 from typing import Annotated, Any
 
 import typer
@@ -39,7 +40,9 @@ _REAP_BATCH = 100
 def retry(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = False) -> None:
     """Put a failed, timed-out or cancelled execution back to pending, due now."""
     with open_runner(ctx) as runner:
-        execution = runner.retry(parse_execution_id(runner, execution_id), triggered_by="cli")
+        execution = runner.retry(
+            parse_execution_id(runner, execution_id), triggered_by="cli", actor=_actor()
+        )
     resumes = " (resuming at record: execute already ran)" if execution.checkpointed else ""
     runs_it = (
         f"the {execution.dispatch} relay sends it to {execution.dispatch}"
@@ -58,7 +61,7 @@ def retry(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = Fa
 def cancel(ctx: typer.Context, execution_id: IdArgument, as_json: JsonOption = False) -> None:
     """Cancel an execution: at once if waiting, at its next checkpoint if running."""
     with open_runner(ctx) as runner:
-        execution = runner.cancel(parse_execution_id(runner, execution_id))
+        execution = runner.cancel(parse_execution_id(runner, execution_id), actor=_actor())
     if execution.status is ExecutionStatus.CANCELLED:
         message = f"Execution {execution.id} of {execution.job} is cancelled."
     else:
@@ -196,3 +199,11 @@ async def _run_async(
         return await runner.run(job_cls, args, idempotency_key=idempotency_key, triggered_by="cli")
     finally:
         await runner.aclose()
+
+
+def _actor() -> str:
+    """Who the audit records for an action taken from the command line."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return "cli"

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 from .. import _queries as q
 from .._attempt import utcnow
 from .._base import _seconds
-from .._exceptions import ConfigurationError, DatabaseUnavailable, JobNotFound, JobRunnerError
+from .._exceptions import ConfigurationError, DatabaseUnavailable, JobRunnerError
 from .._job import PhasedJob
 from .._records import Execution
 from .._registry import JobRef, Registry, default_registry
@@ -487,10 +487,7 @@ class CeleryJobs:
     def _hinted(self, job: str | None) -> type[PhasedJob] | None:
         if job is None:
             return None
-        try:
-            return self.registry.resolve(job)
-        except JobNotFound:
-            return None  # the row says which job it is
+        return self.registry.lookup(job)  # a message's word: never imported; the row says
 
     def _resolve_row(self, current: Execution) -> type[PhasedJob]:
         # A worker without the job: the message fails; the row stays waiting, and the
@@ -501,7 +498,7 @@ class CeleryJobs:
         if job is None:
             raise ConfigurationError(f"{TASK_NAME} needs an execution id, or job= for beat")
         return self.runner.submit(
-            job,
+            self.registry.resolve_row(job, job),  # a message's word: imported only if allowed
             args,
             idempotency_key=f"celery:{task_id}" if task_id else None,
             triggered_by="celery-beat",
