@@ -81,6 +81,8 @@ async def test_hostile_data_renders_as_text(
         html = (await client.get(path)).text
         assert "<script>alert" not in html, path
         assert "<img src=x" not in html, path
+        assert "<i>q</i>" not in html, path  # a queue name
+    assert "&lt;i&gt;q&lt;/i&gt;" in (await client.get("/queues")).text
     assert escaped in (await client.get("/executions")).text  # job name and error
     assert escaped in (await client.get(f"/executions/{ids['ok']}")).text  # args, result
     assert escaped in (await client.get(f"/executions/{ids['hostile']}")).text

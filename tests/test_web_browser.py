@@ -57,8 +57,13 @@ def page(browser: Any) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     p = context.new_page()
     p.set_default_timeout(30_000)  # a bound on a broken test, not on speed
+    errors: list[str] = []
+    p.on("pageerror", lambda exc: errors.append(str(exc)))
+    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     yield p
     context.close()
+    # No script error and no CSP violation; refused requests (401/403) are the tests' own.
+    assert [e for e in errors if "Failed to load resource" not in e] == []
 
 
 def shot(page: Any, backend: Backend, name: str) -> None:

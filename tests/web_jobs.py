@@ -48,6 +48,7 @@ class Hostile(PhasedJob):
     """A job whose very name is markup."""
 
     name = f"web.{HOSTILE}"
+    queue = "<i>q</i>"
 
     class Args(BaseModel):
         text: str
