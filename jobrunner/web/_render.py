@@ -62,6 +62,8 @@ def when(moment: datetime | None) -> str:
 def ms(value: float | None) -> str:
     if value is None:
         return ""
+    if value < 1:
+        return f"{value:.2f} ms"
     return f"{value:,.1f} ms" if value < 10_000 else f"{value / 1000:,.1f} s"
 
 
