@@ -8,7 +8,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
@@ -49,6 +49,8 @@ from ._registry import JobRef, Registry
 from ._session import SessionScope, caller_connection, on_commit
 from ._threads import DaemonPool
 from ._worker import AsyncWorker, WorkOptions
+
+T = TypeVar("T")
 
 
 class AsyncJobRunner(_RunnerBase):
@@ -229,6 +231,42 @@ class AsyncJobRunner(_RunnerBase):
             execution_id = await conn.run_sync(write)
         self._submitted()
         return execution_id
+
+    async def submit_many(
+        self,
+        job: JobRef,
+        args_list: Iterable[Any],
+        *,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        triggered_by: str = "api",
+        session: AsyncSession | AsyncConnection | None = None,
+    ) -> builtins.list[uuid.UUID]:
+        """Store one pending execution per args in one transaction (see
+        :meth:`JobRunner.submit_many`); their ids."""
+        rows = self._submissions(
+            job,
+            args_list,
+            triggered_by=triggered_by,
+            queue=queue,
+            priority=priority,
+            run_at=run_at,
+            delay=delay,
+        )
+
+        def write(conn: Connection) -> None:
+            q.insert_many(conn, rows)
+
+        if session is not None:
+            await _in_callers_transaction(session, self.engine, write)
+            on_commit(_sync_of(session), self._submitted)
+        else:
+            async with self._phases.tx() as conn:
+                await conn.run_sync(write)
+            self._submitted()
+        return [row["id"] for row in rows]
 
     async def run(
         self,
@@ -598,11 +636,11 @@ def _sync_of(session: AsyncSession | AsyncConnection) -> Any:
 async def _in_callers_transaction(
     session: AsyncSession | AsyncConnection,
     engine: AsyncEngine,
-    write: Callable[[Connection], uuid.UUID],
-) -> uuid.UUID:
+    write: Callable[[Connection], T],
+) -> T:
     """Run ``write`` on the caller's connection, inside the caller's transaction."""
     if isinstance(session, AsyncSession):
-        result: uuid.UUID = await session.run_sync(
+        result: T = await session.run_sync(
             lambda s: write(caller_connection(s, engine.sync_engine))
         )
         return result

@@ -175,6 +175,52 @@ class _RunnerBase:
             _hooks.submitted(self._instruments, row, inline=False)
         return job_cls, row
 
+    def _submissions(
+        self,
+        job: JobRef,
+        args_list: Iterable[Any],
+        *,
+        triggered_by: str,
+        queue: str | None,
+        priority: int | None,
+        run_at: datetime | None,
+        delay: float | timedelta | None,
+    ) -> builtins.list[dict[str, Any]]:
+        """Rows for ``submit_many``: every args validated before anything is stored."""
+        job_cls = self.registry.resolve(job)
+        _warn_if_unimportable(job_cls)
+        due_at, queue_, priority_, now = (
+            _due_at(run_at, delay),
+            _queue(queue),
+            _priority(priority),
+            utcnow(),
+        )
+        rows = []
+        for index, args in enumerate(args_list):
+            try:
+                args_value, args_json = job_cls.validate_args(args)
+                self._check_size(job_cls, args_json)
+            except InvalidArgs as exc:
+                raise InvalidArgs(f"args[{index}]: {exc}") from exc
+            rows.append(
+                new_row(
+                    job_cls,
+                    args_json,
+                    execution_id=uuid.uuid4(),
+                    now=now,
+                    triggered_by=triggered_by,
+                    idempotency_key=None,
+                    concurrency_key=job_cls.concurrency_key_for(args_value),
+                    queue=queue_,
+                    priority=priority_,
+                    due_at=due_at,
+                )
+            )
+        if self._instruments:
+            for row in rows:
+                _hooks.submitted(self._instruments, row, inline=False)
+        return rows
+
     def _check_size(self, job_cls: type[PhasedJob], args_json: Any) -> None:
         """Args above ``max_args_bytes`` (as JSON) are refused before anything is stored."""
         limit = self.max_args_bytes

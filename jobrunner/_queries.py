@@ -135,6 +135,21 @@ def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
     conn.execute(stmt, params)
 
 
+def insert_many(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Store submitted executions of one shape: one batched INSERT, one NOTIFY per queue.
+
+    The driver sends the rows together (psycopg's pipeline, asyncpg's ``executemany``,
+    SQLAlchemy's multi-row VALUES); workers are woken once per queue at commit.
+    """
+    if not rows:
+        return
+    params = [_clock_params(row) for row in rows]
+    first, relative = params[0]
+    stmt = _insert_statement(conn.dialect.name, _columns(first), relative, False, False)
+    conn.execute(stmt, [p for p, _ in params])
+    notify(conn, {str(row["queue"]) for row in rows})
+
+
 def submit_row(
     conn: Connection, values: Mapping[str, Any], *, unique_for: float | None = None
 ) -> uuid.UUID:
