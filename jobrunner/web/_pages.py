@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ from .._lifecycle import RETRYABLE_BY_HAND
 from . import _filters, _svg
 from . import _queries as q
 from ._live import Changes
-from ._render import TEXT_LIMIT, Renderer
+from ._render import TEXT_LIMIT, Renderer, pretty
 from ._store import Store
 
 #: The jobs page's windows, as the CLI writes them.
@@ -123,7 +123,7 @@ class Pages:
         if execution_id is None or field not in ("args", "result", "traceback"):
             return PlainTextResponse("not found\n", 404)
         value = await self.store.read(q.raw_field, execution_id, field)
-        text = value if isinstance(value, str) or value is None else _pretty(value)
+        text = value if isinstance(value, str) or value is None else pretty(value)
         return PlainTextResponse(text or "", headers={"content-disposition": "inline"})
 
     async def jobs(self, request: Request) -> Response:
@@ -172,12 +172,3 @@ def _parse_id(text: str) -> uuid.UUID | None:
         return uuid.UUID(text)
     except ValueError:
         return None
-
-
-def _pretty(value: Any) -> str:
-    from ._render import pretty
-
-    return pretty(value)
-
-
-Handler = Callable[[Request], Awaitable[Response]]
