@@ -238,8 +238,12 @@ async def test_retry_needs_the_csrf_token(web_runner: JobRunner) -> None:
         c.cookies.set("jobrunner_csrf", token)
         other = await c.post(url, data={"csrf_token": token}, headers={"origin": "http://evil"})
         assert other.status_code == 403
+        proxied = {"origin": "https://ops.example", "x-forwarded-host": "evil.example"}
+        assert (await c.post(url, data={"csrf_token": token}, headers=proxied)).status_code == 403
         assert web_runner.get(failed.id).status is ExecutionStatus.FAILED
-        done = await c.post(url, data={"csrf_token": token})
+        # Behind a proxy that rewrites Host, X-Forwarded-Host names the page's origin.
+        proxied = {"origin": "https://ops.example", "x-forwarded-host": "ops.example"}
+        done = await c.post(url, data={"csrf_token": token}, headers=proxied)
     assert done.status_code == 303
     assert web_runner.get(failed.id).status is ExecutionStatus.PENDING
 
