@@ -468,3 +468,19 @@ def test_unsampled_executions_make_no_spans(backend: Backend) -> None:
     assert stored is not None
     assert int(stored["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # not sampled
     assert done.result["span"] != 0  # the attempt's context, carried into execute
+
+
+def test_phase_spans_can_be_left_out(backend: Backend, tracing: Tracing) -> None:
+    """phase_spans=False: create and process spans only; the process span is current in
+    execute."""
+    instrument = OpenTelemetry(tracing.provider, phase_spans=False)
+    with JobRunner(backend.url, registry=Registry(), instruments=[instrument]) as r:
+        probe = r.registry.register(_probe(tracing))
+        r.submit(probe, {"n": 6})
+        [done] = r.run_due()
+    assert done.status is ExecutionStatus.SUCCEEDED
+    assert sorted(s.name for s in tracing.spans()) == [
+        "create default", "process default", "user-call"]
+    process = tracing.one("process default")
+    assert done.result["span"] == _id(process)
+    assert process.attributes["jobrunner.phase"] == "record"

@@ -76,16 +76,19 @@ class OpenTelemetry(Instrument):
     """The OpenTelemetry instrument: spans per submit, attempt and phase.
 
     ``tracer_provider``: the provider to make spans with (default: the global one, looked
-    up on each use, so setting it later still works).
+    up on each use, so setting it later still works). ``phase_spans=False`` leaves out
+    the ``load``/``execute``/``record`` spans (the attempt's span is then current in the
+    phases): two spans per execution instead of five.
     """
 
     #: Marks a tracing instrument (runners add no second one by themselves).
     traces = True
 
-    def __init__(self, tracer_provider: Any = None) -> None:
+    def __init__(self, tracer_provider: Any = None, *, phase_spans: bool = True) -> None:
         from .. import __version__
 
         self.tracer = trace.get_tracer("jobrunner", __version__, tracer_provider=tracer_provider)
+        self.phase_spans = phase_spans
 
     def submitted(self, row: dict[str, Any], *, inline: bool) -> None:
         """A PRODUCER span for the submit; its context goes on the row."""
@@ -124,7 +127,7 @@ class OpenTelemetry(Instrument):
             links=links,
             attributes=attributes,
         )
-        return _Attempt(self.tracer, span, attempt)
+        return _Attempt(self.tracer, span, attempt, phase_spans=self.phase_spans)
 
 
 def _attributes(operation: str, queue: str, execution_id: str, job: str) -> dict[str, Any]:
@@ -141,20 +144,21 @@ def _attributes(operation: str, queue: str, execution_id: str, job: str) -> dict
 class _Attempt(AttemptObserver):
     """One attempt's span, and its phases' spans; each current while it is open."""
 
-    def __init__(self, tracer: Any, span: Any, attempt: AttemptView) -> None:
+    def __init__(self, tracer: Any, span: Any, attempt: AttemptView, *, phase_spans: bool) -> None:
         self._tracer = tracer
         self._span = span
         self._attempt = attempt
         self._token = otel_context.attach(trace.set_span_in_context(span))
-        self._recording = span.is_recording()
+        # Unsampled, its phases would not be sampled either: no phase spans then.
+        self._phases = phase_spans and span.is_recording()
         self._phase: Any = None
         self._phase_token: Any = None
         self._last_phase: str | None = None
 
     def phase_started(self, phase: str) -> None:
         self._last_phase = phase
-        if not self._recording:
-            return  # not sampled: its phases would not be either; the attempt's span is current
+        if not self._phases:
+            return  # the attempt's span stays current for the phase's code
         self._phase = self._tracer.start_span(
             phase,
             kind=SpanKind.INTERNAL,
