@@ -35,6 +35,7 @@ BENCHMARKS = (
     "dashboard",
     "celery_overhead",
     "observability",
+    "rivals",
 )
 
 

@@ -246,6 +246,20 @@ class Bench:
             samples.append(_sample(await fn()))
         return self._record(system, variant, n, concurrency, samples, ratio_to, unit)
 
+    def record(
+        self,
+        *,
+        system: str,
+        variant: str,
+        n: int,
+        concurrency: int,
+        samples: list[Sample],
+        ratio_to: Measurement | None = None,
+        unit: str = "executions",
+    ) -> Measurement:
+        """Record samples taken elsewhere (e.g. in interleaved rounds, one per round)."""
+        return self._record(system, variant, n, concurrency, samples, ratio_to, unit)
+
     def _progress(self, system: str, variant: str, i: int, runs: int) -> None:
         console.print(f"[dim]  {self.name}: {system} {variant} (run {i + 1}/{runs})[/]")
 

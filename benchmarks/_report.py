@@ -41,6 +41,14 @@ EXTRAS: dict[str, dict[str, str]] = {
         "growth_mb": "growth MB",
     },
     "prune": {"transactions": "transactions", "longest_tx_ms": "longest tx ms"},
+    "rivals": {
+        "enqueue_per_s": "enqueue/s",
+        "drain_per_s": "drain/s",
+        "cpu_ms": "client CPU ms/job",
+        "commits": "commits/job",
+        "wal_syncs": "WAL syncs/job",
+        "wal_records": "WAL records/job",
+    },
 }
 
 
