@@ -1,10 +1,13 @@
-"""dashboard: server time per dashboard page over 1,000,000 executions in PostgreSQL.
+"""dashboard: server time per dashboard page over 1,000,000 executions in PostgreSQL,
+and over 200,000 in a SQLite file.
 
-The store is filled (not timed) by one ``INSERT ... SELECT generate_series``: ``n``
-executions created over the last 30 days, twelve jobs over three queues, mostly
+The PostgreSQL store is filled (not timed) by one ``INSERT ... SELECT generate_series``:
+``n`` executions created over the last 30 days, twelve jobs over three queues, mostly
 ``succeeded``, every 50th ``failed`` (``ValueError: boom``), every 499th ``cancelled``,
 every 997th ``timed_out``, the newest 2,000 ``pending`` and 20 ``running``; one attempt
-each for the finished ones; then ``VACUUM ANALYZE``.
+each for the finished ones; then ``VACUUM ANALYZE``. The SQLite file is filled as the
+reads benchmark fills it (the same jobs and queues, 100 pending, 20 running), with the
+same per-phase durations.
 
 Timed: one request to the ASGI app in process (httpx's ASGI transport), so a sample is
 the server's whole time for the page: routing, the queries, the template, no network.
@@ -16,8 +19,11 @@ shows the median ms per page. Target: every page under 150 ms.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +33,7 @@ from jobrunner import JobRunner, PhasedJob, Registry, RetryPolicy
 from jobrunner._schema import metadata
 
 from ._harness import Bench, Sample
+from .reads import fill_sqlite
 
 DAYS = 30
 JOBS = 12
@@ -70,6 +77,12 @@ FROM (
 ) s
 """
 
+SQLITE_PHASES = """
+UPDATE jobrunner_executions
+SET load_ms = 0.5 + rowid % 7, execute_ms = rowid * 7919 % 2000, record_ms = 1.0 + rowid % 5
+WHERE finished_at IS NOT NULL
+"""
+
 ATTEMPTS = """
 INSERT INTO jobrunner_attempts (
     execution_id, number, status, phase, resumed_from, worker, triggered_by, started_at,
@@ -101,21 +114,42 @@ def _job(i: int) -> type[PhasedJob]:
 
 def run(bench: Bench) -> None:
     n = bench.size(full=1_000_000, quick=20_000)
+    lite_n = bench.size(full=200_000, quick=10_000)
     repeat = 1 if bench.quick else max(bench.repeat, 5)
     with bench.scratch_database() as url:
         pg = url.set(drivername="postgresql+psycopg")
         fill(pg, n)
-        runner = JobRunner(pg, registry=Registry([_job(i) for i in range(JOBS)]))
-        try:
-            asyncio.run(_measure(bench, runner, repeat))
-        finally:
-            runner.close()
+        _measure_on(bench, "PostgreSQL", pg.render_as_string(hide_password=False), repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        lite = f"sqlite:///{Path(tmp) / 'dashboard.db'}"
+        fill_sqlite(lite, lite_n)  # the reads benchmark's SQLite history: same jobs, queues
+        _phase_times(lite)
+        _measure_on(bench, "SQLite", lite, repeat)
     slow = [m for m in bench.measurements if m.median_seconds * 1000 > TARGET_MS]
     bench.note(
         f"target: every page under {TARGET_MS:.0f} ms of server time; "
         + ("met" if not slow else "missed by: " + ", ".join(m.variant for m in slow))
     )
-    bench.table(f"dashboard pages over {n:,} executions (PostgreSQL)", {"bytes": "bytes"})
+    bench.table(
+        f"dashboard pages over {n:,} executions (PostgreSQL) and {lite_n:,} (SQLite file)",
+        {"bytes": "bytes"},
+    )
+
+
+def _phase_times(url: str) -> None:
+    """Per-phase durations on the finished rows, as the PostgreSQL fill writes them."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        conn.execute(sa.text(SQLITE_PHASES))
+    engine.dispose()
+
+
+def _measure_on(bench: Bench, backend: str, url: str, repeat: int) -> None:
+    runner = JobRunner(url, registry=Registry([_job(i) for i in range(JOBS)]))
+    try:
+        asyncio.run(_measure(bench, backend, runner, repeat))
+    finally:
+        runner.close()
 
 
 def fill(url: sa.URL, n: int) -> None:
@@ -134,9 +168,13 @@ def _pages(runner: JobRunner) -> list[tuple[str, str]]:
     from jobrunner.web._filters import Cursor
 
     with runner.engine.connect() as conn:
-        some = conn.execute(
-            sa.text("SELECT id FROM jobrunner_executions WHERE status = 'failed' LIMIT 1")
-        ).scalar_one()
+        some = uuid.UUID(
+            str(
+                conn.execute(
+                    sa.text("SELECT id FROM jobrunner_executions WHERE status = 'failed' LIMIT 1")
+                ).scalar_one()
+            )
+        )
     deep = Cursor(created_at=datetime.now(UTC) - timedelta(days=15), id=some).encode()
     return [
         ("overview", "/"),
@@ -158,7 +196,7 @@ def _pages(runner: JobRunner) -> list[tuple[str, str]]:
     ]
 
 
-async def _measure(bench: Bench, runner: JobRunner, repeat: int) -> None:
+async def _measure(bench: Bench, backend: str, runner: JobRunner, repeat: int) -> None:
     from jobrunner.web import _pages as pages_module
     from jobrunner.web import create_app
 
@@ -169,7 +207,7 @@ async def _measure(bench: Bench, runner: JobRunner, repeat: int) -> None:
         for label, path in _pages(runner):
             await _get(client, path)  # warm: statements compiled, pages cached
             await bench.ameasure(
-                system="PostgreSQL",
+                system=backend,
                 variant=label,
                 n=1,
                 concurrency=1,

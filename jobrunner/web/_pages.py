@@ -142,7 +142,7 @@ class Pages:
             window=window,
             windows=list(WINDOWS),
             phases=q.PHASES,
-            window_rows=q.WINDOW_ROWS,
+            window_rows=q.percentile_rows(self.store.dialect),
         )
 
     async def queues(self, request: Request) -> Response:

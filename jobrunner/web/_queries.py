@@ -47,6 +47,8 @@ COUNT_CAP = 10_000
 SEARCH_WINDOW = 5_000
 #: Charts and percentiles read at most this many of the latest finishes in their window.
 WINDOW_ROWS = 50_000
+#: Percentiles on SQLite are computed here from fetched rows: fewer of them.
+SQLITE_PERCENTILE_ROWS = 10_000
 #: Queues and jobs listed at most.
 MAX_NAMES = 200
 
@@ -377,17 +379,22 @@ def queue_row(conn: Connection, queue: str, now: datetime) -> dict[str, Any]:
 PHASES = ("load", "execute", "record")
 
 
+def percentile_rows(dialect: str) -> int:
+    """How many of the latest finishes the jobs page's percentiles read at most."""
+    return WINDOW_ROWS if dialect == "postgresql" else SQLITE_PERCENTILE_ROWS
+
+
 def phase_percentiles(conn: Connection, since: datetime) -> dict[str, dict[str, Any]]:
     """Per job: finishes counted and p50/p95 of each phase's milliseconds since ``since``.
 
-    Over at most ``WINDOW_ROWS`` of the latest finishes. PostgreSQL computes the
-    percentiles (``percentile_cont``); SQLite's rows are few enough to sort here.
+    Over at most :func:`percentile_rows` of the latest finishes. PostgreSQL computes the
+    percentiles (``percentile_cont``); on SQLite they are sorted here.
     """
     latest = (
         select(E.job, E.load_ms, E.execute_ms, E.record_ms)
         .where(E.finished_at >= since)
         .order_by(E.finished_at.desc())
-        .limit(WINDOW_ROWS)
+        .limit(percentile_rows(conn.dialect.name))
         .subquery()
     )
     if conn.dialect.name != "postgresql":
