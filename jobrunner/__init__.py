@@ -24,6 +24,7 @@ from ._exceptions import (
     ResultNotSerializable,
     SchemaMissing,
 )
+from ._hooks import AttemptObserver, AttemptView, Instrument
 from ._job import PhasedJob
 from ._migrate import migrate
 from ._monitor import LoopMonitor, monitor_blocking
@@ -40,6 +41,8 @@ __all__ = [
     "TRANSIENT_ERRORS",
     "AsyncJobRunner",
     "Attempt",
+    "AttemptObserver",
+    "AttemptView",
     "AuditEntry",
     "ConfigurationError",
     "DatabaseUnavailable",
@@ -49,6 +52,7 @@ __all__ = [
     "ExecutionNotFound",
     "ExecutionStatus",
     "IdempotencyConflict",
+    "Instrument",
     "InvalidArgs",
     "InvalidTransition",
     "JobDefinitionError",
