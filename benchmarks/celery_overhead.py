@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery import Celery
 
+from jobrunner import Registry
 from jobrunner._schema import attempts, executions
 from jobrunner.contrib.celery import install
 
@@ -45,7 +46,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
     task_ignore_result=True,
 )
-jobs = install(app)  # database from JOBRUNNER_DATABASE_URL (the worker) or set in run()
+# The worker runs the jobs registered here: a message's job name is never imported.
+# Database from JOBRUNNER_DATABASE_URL (the worker) or set in run().
+jobs = install(app, registry=Registry([SyncNoop, AsyncNoop]))
 
 
 # -- the plain Celery task: jobrunner's writes, by hand ---------------------------------------
