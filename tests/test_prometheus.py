@@ -292,3 +292,34 @@ async def test_asgi_app_serves_the_registry(backend: Backend) -> None:
     }
     assert value(samples, "jobrunner_executions_total", job="observed.ok", queue="default",
                  outcome="succeeded") == 1
+
+
+async def test_dashboard_serves_metrics_when_mounted(backend: Backend) -> None:
+    """jobrunner.web.create_app(routes=[Mount("/metrics", asgi_app())]): one app serves
+    the dashboard and the metrics, the database gauges included."""
+    from starlette.routing import Mount
+
+    from jobrunner.contrib.prometheus import asgi_app
+    from jobrunner.web import create_app
+
+    registry = CollectorRegistry()
+    collector = DatabaseCollector(backend.url)
+    registry.register(collector)
+    runner = JobRunner(backend.url, instruments=[])  # the app's, closed here
+    runner.submit(observed_jobs.Ok, queue="mounted")
+    app = create_app(runner, routes=[Mount("/metrics", app=asgi_app(registry))])
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/metrics/")
+            page = await client.get("/")
+    finally:
+        collector.close()
+        runner.close()
+    assert response.status_code == 200 and page.status_code == 200
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert value(samples, "jobrunner_executions", status="pending", queue="mounted") == 1
