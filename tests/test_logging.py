@@ -101,3 +101,63 @@ def test_formatter_fills_fields_from_the_running_phase(backend: Backend) -> None
     assert inside["execution_id"] == str(execution.id)
     assert (inside["job"], inside["attempt"], inside["phase"]) == ("observed.ok", 1, "execute")
     assert outside["execution_id"] is None and outside["answer"] == 42
+
+
+def test_every_record_about_an_execution_has_the_four_fields(backend: Backend) -> None:
+    """Without any filter: every jobrunner record that names an execution carries job,
+    attempt and phase as extra too (success, retry, failure, retry scheduled, reaped,
+    a retry not yet due)."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from jobrunner import ExecutionStatus, PhasedJob, RetryPolicy
+    from jobrunner._schema import executions
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    class Later(PhasedJob):
+        name = "observed.later"
+        retry = RetryPolicy(max_attempts=2, wait_initial=3600, retry_on=(ConnectionError,))
+
+        def execute(self, loaded: Any) -> None:
+            raise ConnectionError("retry in an hour")
+
+    handler = Keep()
+    log = logging.getLogger("jobrunner")
+    saved = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with JobRunner(backend.url, registry=Registry(), instruments=[]) as runner:
+            runner.run(observed_jobs.Ok)
+            runner.run(observed_jobs.Flaky)
+            runner.run(observed_jobs.Bad)
+            later = runner.run(Later)
+            assert later.status is ExecutionStatus.RETRYING
+            assert runner.run_execution(later.id).status is ExecutionStatus.RETRYING  # not due
+            stuck = runner.submit(observed_jobs.Ok)
+            runner.registry.register(observed_jobs.Ok)
+            [claimed] = runner._claim_batch(1, None)
+            with runner.engine.begin() as conn:
+                conn.execute(
+                    sa.update(executions)
+                    .where(executions.c.id == claimed.execution_id)
+                    .values(lease_expires_at=datetime.now(UTC) - timedelta(hours=1))
+                )
+            assert [e.id for e in runner.reap()] == [stuck]
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved)
+    about = [r for r in records if getattr(r, "execution_id", None) is not None]
+    messages = " | ".join(r.getMessage() for r in about)
+    for word in ("succeeded", "retrying in", "ended failed", "will retry at", "reaped"):
+        assert word in messages, word
+    for record in about:
+        for field in ("job", "attempt", "phase"):
+            assert hasattr(record, field), (field, record.getMessage())
+        assert record.job is not None and record.attempt is not None, record.getMessage()  # type: ignore[attr-defined]
