@@ -570,3 +570,23 @@ def test_phase_percentiles_agree_on_both_backends(web_runner: JobRunner) -> None
     assert p50 == pytest.approx(values[2])
     assert p95 == pytest.approx(values[3] + 0.8 * (values[4] - values[3]))  # rank 3.8
     assert stats["web.fail"]["record"] == (None, None)  # it failed in execute: no record
+
+
+async def test_extra_routes_are_served_behind_the_same_auth(web_runner: JobRunner) -> None:
+    """``routes=`` adds endpoints (a /metrics, say) that the dashboard's auth guards too."""
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("jobrunner_up 1\n")
+
+    app = create_app(
+        web_runner,
+        routes=[Route("/metrics", metrics)],
+        auth=lambda request: "ops" if request.headers.get("x-token") == "t" else None,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/metrics")).status_code == 401
+        scraped = await c.get("/metrics", headers={"x-token": "t"})
+    assert scraped.text == "jobrunner_up 1\n"
