@@ -121,7 +121,9 @@ class Counters:
 # -- jobrunner rows ---------------------------------------------------------------------------
 
 
-def _inline_async(bench: Bench, job: type[Any]) -> Callable[[sa.URL, int], Sample]:
+def _inline_async(
+    bench: Bench, job: type[Any], **engine_options: Any
+) -> Callable[[sa.URL, int], Sample]:
     def once(url: sa.URL, n: int) -> Sample:
         truncate(url)
         counters = Counters(bench, url)
@@ -130,7 +132,7 @@ def _inline_async(bench: Bench, job: type[Any]) -> Callable[[sa.URL, int], Sampl
             before = counters.read()
             runner = AsyncJobRunner(
                 url.set(drivername="postgresql+asyncpg"), registry=Registry([job]),
-                pool_size=CONCURRENCY,
+                pool_size=CONCURRENCY, **engine_options,
             )  # fmt: skip
             try:
                 await run_many(lambda: runner.run(job), WARM_UP, CONCURRENCY)
@@ -149,14 +151,16 @@ def _inline_async(bench: Bench, job: type[Any]) -> Callable[[sa.URL, int], Sampl
     return once
 
 
-def _inline_sync(bench: Bench, job: type[Any]) -> Callable[[sa.URL, int], Sample]:
+def _inline_sync(
+    bench: Bench, job: type[Any], **engine_options: Any
+) -> Callable[[sa.URL, int], Sample]:
     def once(url: sa.URL, n: int) -> Sample:
         truncate(url)
         counters = Counters(bench, url)
         before = counters.read()
         runner = JobRunner(
             url.set(drivername="postgresql+psycopg"), registry=Registry([job]),
-            pool_size=CONCURRENCY,
+            pool_size=CONCURRENCY, **engine_options,
         )  # fmt: skip
         try:
             with ThreadPoolExecutor(CONCURRENCY) as threads:
@@ -377,6 +381,11 @@ def _rows(bench: Bench) -> list[Row]:
         Row(
             "JobRunner", "run() inline, load+record, 8 threads", _inline_sync(bench, SyncNoopPhases)
         ),
+        # Diagnostics: what the default pool_pre_ping (one round trip per checkout) costs.
+        Row("AsyncJobRunner", "run() inline, execute only, pool_pre_ping=False",
+            _inline_async(bench, AsyncNoop, pool_pre_ping=False)),
+        Row("JobRunner", "run() inline, execute only, 8 threads, pool_pre_ping=False",
+            _inline_sync(bench, SyncNoop, pool_pre_ping=False)),
         Row("AsyncJobRunner worker", "submit() x N, work(8)", _worker_async(bench, False)),
         Row("AsyncJobRunner worker", "submit_many, work(8)", _worker_async(bench, True)),
         Row("JobRunner worker", "submit() x N, work(8)", _worker_sync(bench, False)),
