@@ -182,3 +182,20 @@ def test_new_execution_appears_without_reload(
         assert page.evaluate("window.notReloaded") is True
         page.goto(base + "/queues")
         shot(page, backend, "queues")
+
+
+def test_pause_and_resume_a_queue(page: Any, web_runner: JobRunner) -> None:
+    """With actions on, Pause and Resume on the queues page; workers' view follows."""
+    web_runner.submit(Echo, {"text": "waiting"})
+    app = create_app(web_runner, read_only=False, auth=lambda request: "alice")
+    with serve(app) as base:
+        page.goto(base + "/queues")
+        row = page.locator('tr[data-queue="mail"]')
+        row.locator("button:has-text('Pause')").click()
+        playwright_api.expect(page.locator(".flash")).to_have_text("paused mail")
+        playwright_api.expect(row).to_contain_text("paused by alice")
+        assert web_runner.paused_queues() == {"mail"}
+        row.locator("button:has-text('Resume')").click()
+        playwright_api.expect(page.locator(".flash")).to_have_text("resumed mail")
+        playwright_api.expect(row).to_contain_text("active")
+    assert web_runner.paused_queues() == set()
