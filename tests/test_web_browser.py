@@ -20,6 +20,8 @@ from .conftest import Backend, assert_no_checked_out
 from .web_jobs import HOSTILE, Echo, Fail, registry, seed, serve
 
 playwright_api = pytest.importorskip("playwright.sync_api")
+# A bound on a broken test, not on speed: the machine is shared and noisy.
+playwright_api.expect.set_options(timeout=30_000)
 CHROMIUM = os.environ.get("JOBRUNNER_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(__file__).resolve().parent.parent / "docs" / "img" / "dashboard"
 
@@ -199,3 +201,16 @@ def test_pause_and_resume_a_queue(page: Any, web_runner: JobRunner) -> None:
         playwright_api.expect(page.locator(".flash")).to_have_text("resumed mail")
         playwright_api.expect(row).to_contain_text("active")
     assert web_runner.paused_queues() == set()
+
+
+def test_overview_counts_follow_without_reload(page: Any, web_runner: JobRunner) -> None:
+    """A finished execution moves the overview's counts on an open page (cache or not)."""
+    web_runner.run(Echo, {"text": "first"})
+    app = create_app(web_runner, poll_interval=0.1, min_interval=0.1)
+    with serve(app) as base:
+        page.goto(base + "/")
+        card = page.locator('#status-counts a[href$="status=succeeded"] b')
+        playwright_api.expect(card).to_have_text("1")
+        playwright_api.expect(page.locator("#live.on")).to_be_visible()
+        web_runner.run(Echo, {"text": "second"})
+        playwright_api.expect(card).to_have_text("2")

@@ -36,7 +36,7 @@ class Pages:
         self.store = store
         self.render = renderer
         self.changes = changes
-        self._overview: tuple[float, dict[str, Any]] | None = None
+        self._overview: tuple[float, int, dict[str, Any]] | None = None
 
     def _known_queues(self) -> set[str]:
         return {job.queue for job in self.store.runner.registry}
@@ -56,11 +56,14 @@ class Pages:
         )
 
     async def _overview_data(self, now: datetime) -> dict[str, Any]:
-        cached = self._overview
-        if cached is not None and time.monotonic() - cached[0] < OVERVIEW_TTL_S:
-            return cached[1]
+        # Shared for a moment, but never across an announced change: a page refreshed
+        # by an event must show what the event announced.
+        cached, version = self._overview, self.changes.version
+        fresh = cached is not None and time.monotonic() - cached[0] < OVERVIEW_TTL_S
+        if cached is not None and fresh and cached[1] == version:
+            return cached[2]
         data = await self.store.read(q.overview, now, self._known_queues())
-        self._overview = (time.monotonic(), data)
+        self._overview = (time.monotonic(), version, data)
         return data
 
     async def executions(self, request: Request) -> Response:
