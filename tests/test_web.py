@@ -590,3 +590,26 @@ async def test_extra_routes_are_served_behind_the_same_auth(web_runner: JobRunne
         assert (await c.get("/metrics")).status_code == 401
         scraped = await c.get("/metrics", headers={"x-token": "t"})
     assert scraped.text == "jobrunner_up 1\n"
+
+
+async def test_a_running_execution_shows_its_lease(
+    web_runner: JobRunner, client: httpx.AsyncClient
+) -> None:
+    """A running execution's page names its lease owner, fencing token and expiry."""
+    running = web_runner.submit(Echo, {"text": "x"})
+    now = datetime.now(UTC)
+    with web_runner.engine.begin() as conn:
+        conn.execute(
+            sa.update(executions).where(executions.c.id == running).values(
+                status="running", phase="execute", worker="host-7:4242:ab12cd", lease_token=9,
+                attempt=1, started_at=now, heartbeat_at=now,
+                lease_expires_at=now + timedelta(minutes=5),
+            )
+        )
+    html = (await client.get(f"/executions/{running}")).text
+    lease = html[html.index('id="lease"'):]
+    assert "host-7:4242:ab12cd" in lease
+    assert "<dd>9</dd>" in lease
+    assert re.search(r"\(in [45] min\)", lease)
+    overview = (await client.get("/")).text
+    assert "host-7:4242:ab12cd" in overview[overview.index('id="workers"'):]
