@@ -94,6 +94,8 @@ class Registry:
         if found is not None:
             return found
         module_name = handler.partition(":")[0]
+        if module_name == "__main__":
+            raise JobNotFound(main_module_message(handler))
         if not self._allows(module_name):
             raise JobNotFound(
                 f"job {name!r} ({handler}) is not registered in this process, and jobrunner "
