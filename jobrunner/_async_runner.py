@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextvars
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -51,6 +52,9 @@ from ._threads import DaemonPool
 from ._worker import AsyncWorker, WorkOptions
 
 T = TypeVar("T")
+
+#: submit_many validates up to this many args on the event loop, more in a thread.
+_VALIDATE_ON_LOOP = 64
 
 
 class AsyncJobRunner(_RunnerBase):
@@ -245,16 +249,29 @@ class AsyncJobRunner(_RunnerBase):
         session: AsyncSession | AsyncConnection | None = None,
     ) -> builtins.list[uuid.UUID]:
         """Store one pending execution per args in one transaction (see
-        :meth:`JobRunner.submit_many`); their ids."""
-        rows = self._submissions(
-            job,
-            args_list,
-            triggered_by=triggered_by,
-            queue=queue,
-            priority=priority,
-            run_at=run_at,
-            delay=delay,
-        )
+        :meth:`JobRunner.submit_many`); their ids.
+
+        Validating thousands of args is CPU work: past :data:`_VALIDATE_ON_LOOP` items it
+        runs in the runner's thread pool, so the event loop keeps serving meanwhile.
+        """
+        items = list(args_list)
+
+        def build() -> builtins.list[dict[str, Any]]:
+            return self._submissions(
+                job,
+                items,
+                triggered_by=triggered_by,
+                queue=queue,
+                priority=priority,
+                run_at=run_at,
+                delay=delay,
+            )
+
+        if len(items) > _VALIDATE_ON_LOOP:
+            context = contextvars.copy_context()  # a caller's trace is the parent
+            rows = await asyncio.get_running_loop().run_in_executor(self._pool, context.run, build)
+        else:
+            rows = build()
 
         def write(conn: Connection) -> None:
             q.insert_many(conn, rows)

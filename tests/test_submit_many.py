@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -97,3 +98,39 @@ def test_notify_wakes_a_worker_in_another_runner(postgres: Backend) -> None:
         finally:
             worker.stop_work()
             thread.join()
+
+
+async def test_a_large_async_submit_many_validates_off_the_loop(backend: Backend) -> None:
+    """Thousands of args are validated in the runner's threads: the loop keeps ticking."""
+    from pydantic import BaseModel, field_validator
+
+    from jobrunner import PhasedJob
+
+    from .support import LoopTicks
+
+    seen: list[float] = []
+
+    class Validated(PhasedJob):
+        name = "many.validated"
+
+        class Args(BaseModel):
+            n: int
+
+            @field_validator("n")
+            @classmethod
+            def _note(cls, value: int) -> int:
+                seen.append(time.perf_counter())
+                sum(range(2_000))  # a little CPU per item, as real validators take
+                return value
+
+        def execute(self, loaded: object) -> None:
+            return None
+
+    runner = AsyncJobRunner(backend.url, registry=Registry([Validated]))
+    try:
+        async with LoopTicks() as ticks:
+            ids = await runner.submit_many(Validated, [{"n": n} for n in range(3_000)])
+        assert len(ids) == 3_000
+        ticks.assert_ticked_during([(seen[0], seen[-1])])
+    finally:
+        await runner.aclose()
