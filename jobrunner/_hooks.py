@@ -73,6 +73,9 @@ class AttemptView:
     claimed_at: datetime
     #: Resumed at record from a checkpoint (execute is not run again).
     resumed: bool
+    #: The phases the job defines itself (its own code runs there); in the others only
+    #: jobrunner's writes happen.
+    own_phases: frozenset[str] = frozenset()
 
 
 class AttemptObserver:
@@ -245,6 +248,7 @@ class Watch:
             due_at=state.due_at,
             claimed_at=state.started_at,
             resumed=state.resume_from == "record",
+            own_phases=state.job_cls.spec.overridden,
         )
         observers: list[AttemptObserver] = []
         for instrument in self._instruments:

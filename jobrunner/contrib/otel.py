@@ -78,7 +78,9 @@ class OpenTelemetry(Instrument):
     ``tracer_provider``: the provider to make spans with (default: the global one, looked
     up on each use, so setting it later still works). ``phase_spans=False`` leaves out
     the ``load``/``execute``/``record`` spans (the attempt's span is then current in the
-    phases): two spans per execution instead of five.
+    phases): two spans per execution instead of five. A phase the job does not define
+    (a job with only ``execute``) gets no span of its own either: no code of the job
+    runs there, and the attempt's span covers jobrunner's write.
     """
 
     #: Marks a tracing instrument (runners add no second one by themselves).
@@ -157,8 +159,10 @@ class _Attempt(AttemptObserver):
 
     def phase_started(self, phase: str) -> None:
         self._last_phase = phase
-        if not self._phases:
-            return  # the attempt's span stays current for the phase's code
+        if not self._phases or phase not in self._attempt.own_phases:
+            # No span where no code of the job runs (only jobrunner's write, timed by
+            # the attempt's span); the attempt's span stays current for the phase.
+            return
         self._phase = self._tracer.start_span(
             phase,
             kind=SpanKind.INTERNAL,
