@@ -381,7 +381,8 @@ def _rows(bench: Bench) -> list[Row]:
         Row(
             "JobRunner", "run() inline, load+record, 8 threads", _inline_sync(bench, SyncNoopPhases)
         ),
-        # Diagnostics: what the default pool_pre_ping (one round trip per checkout) costs.
+        # Diagnostics: the default stale-connection check against none at all
+        # (pool_pre_ping=False turns jobrunner's check off too).
         Row("AsyncJobRunner", "run() inline, execute only, pool_pre_ping=False",
             _inline_async(bench, AsyncNoop, pool_pre_ping=False)),
         Row("JobRunner", "run() inline, execute only, 8 threads, pool_pre_ping=False",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import sqlite3
 import time
 import weakref
@@ -13,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DisconnectionError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, QueuePool
 
@@ -136,12 +137,6 @@ def _engine_kwargs(url: URL, options: dict[str, Any], *, is_async: bool) -> dict
         # are "overflow", closed on return and reopened on the next checkout, which at 8
         # concurrent executions costs more than the work (see docs/benchmarks.md).
         kwargs["pool_size"] = DEFAULT_POOL_SIZE
-    if url.get_backend_name() == "postgresql":
-        # A pooled connection goes stale when the server restarts or fails over, or an
-        # idle timeout ends it: test each one as it is checked out and replace a dead
-        # one, so the first statement after a restart does not fail (one round trip per
-        # checkout; pool_pre_ping=False turns it off).
-        kwargs["pool_pre_ping"] = True
     kwargs.update(options)
     return kwargs
 
@@ -162,7 +157,64 @@ def make_sync_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: A
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine, busy_timeout, memory=is_memory_sqlite(parsed))
         _note_new_file(engine, parsed)
+    elif "pool_pre_ping" not in options:
+        replace_stale_connections(engine)
     return engine
+
+
+def replace_stale_connections(engine: Engine) -> None:
+    """Replace a pooled PostgreSQL connection the server has closed, as it is checked out.
+
+    A restart, a failover, ``pg_terminate_backend`` or an idle timeout close the server's
+    side of every pooled connection; the first statement on one would fail. SQLAlchemy's
+    ``pool_pre_ping`` sends a round trip per checkout to find out (three per execution
+    here); this asks the connection instead, for free: asyncpg notices the server closing
+    its socket as it happens (``is_closed()``), and an idle psycopg connection whose
+    socket has something to read was sent a goodbye (or a notice): only then is it
+    pinged, and replaced if the ping fails. A connection whose server vanished without a
+    word (a network partition) is not caught here, nor by a ping: its first statement
+    fails and the execution's lease and retry policy take over. ``pool_pre_ping=True``
+    restores SQLAlchemy's round trip per checkout.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if not _maybe_closed(dbapi_connection):
+            return
+        try:
+            alive = dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise DisconnectionError(f"pooled connection closed by the server: {exc}") from exc
+        if not alive:
+            raise DisconnectionError("pooled connection closed by the server")
+
+
+def _maybe_closed(dbapi_connection: Any) -> bool:
+    """Whether a pooled connection may have been closed by the server (no I/O)."""
+    asyncpg_connection = getattr(dbapi_connection, "_connection", None)
+    if asyncpg_connection is not None and hasattr(asyncpg_connection, "is_closed"):
+        if asyncpg_connection.is_closed():
+            return True
+        # The loop may not have read the server's goodbye yet: is it waiting there?
+        transport = getattr(asyncpg_connection, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        return sock is None or _readable(sock.fileno())
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        return True
+    pgconn = getattr(dbapi_connection, "pgconn", None)
+    if pgconn is None:
+        return True  # a driver we cannot look into: ping it
+    return _readable(pgconn.socket)
+
+
+def _readable(fileno: int) -> bool:
+    """Whether an idle connection's socket has something to read (or is gone)."""
+    try:
+        readable, _, _ = select.select([fileno], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 #: SQLite files an engine of ours will create (did not exist when it was made).
@@ -201,6 +253,8 @@ def make_async_engine(url: str | URL, *, busy_timeout: float = 30.0, **options: 
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine.sync_engine, busy_timeout, memory=is_memory_sqlite(parsed))
         _note_new_file(engine.sync_engine, parsed)
+    elif "pool_pre_ping" not in options:
+        replace_stale_connections(engine.sync_engine)
     return engine
 
 

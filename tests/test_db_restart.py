@@ -277,3 +277,62 @@ def test_executions_whose_writes_fail_in_an_outage_are_reaped_and_retried(
                 "abandoned",
                 "succeeded",
             ]
+
+
+@pytest.mark.parametrize("runner_kind", ["sync", "async"])
+def test_stale_connections_are_found_without_a_round_trip_per_checkout(
+    cluster: Cluster, url: str, runner_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Healthy pooled connections are not pinged; ones the server closed are found (and
+    only those pinged) and replaced, so the next run after pg_terminate_backend succeeds."""
+
+    def terminate() -> None:
+        admin = sa.create_engine(
+            sa.make_url(url).set(drivername="postgresql+psycopg"), poolclass=sa.pool.NullPool
+        )
+        with admin.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        admin.dispose()
+
+    def counting(engine: sa.Engine) -> list[int]:
+        """Count pings on every engine of this dialect (a runner has two or three)."""
+        pings = [0]
+        dialect_class = type(engine.dialect)
+        original = dialect_class.do_ping
+
+        def do_ping(self: Any, dbapi_connection: Any) -> bool:
+            pings[0] += 1
+            return bool(original(self, dbapi_connection))
+
+        monkeypatch.setattr(dialect_class, "do_ping", do_ping)
+        return pings
+
+    if runner_kind == "sync":
+        with JobRunner(url, registry=_registry()) as runner:
+            pings = counting(runner.engine)
+            for _ in range(10):
+                assert runner.run(Quick).succeeded
+            assert pings == [0]
+            terminate()
+            execution = runner.run(Quick)
+            assert execution.succeeded, execution.error_message
+            assert pings[0] >= 1
+        return
+
+    async def main() -> None:
+        async with AsyncJobRunner(url, registry=_registry()) as runner:
+            pings = counting(runner.engine.sync_engine)
+            for _ in range(10):
+                assert (await runner.run(Quick)).succeeded
+            assert pings == [0]
+            terminate()  # blocks the loop: the goodbye is still unread on the sockets
+            execution = await runner.run(Quick)
+            assert execution.succeeded, execution.error_message
+            assert pings[0] >= 1
+
+    asyncio.run(main())
