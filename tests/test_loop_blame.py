@@ -107,8 +107,16 @@ async def test_blocking_in_a_child_task_is_blamed_on_the_phase_that_started_it(
     assert execution.max_loop_lag_ms is not None and execution.max_loop_lag_ms >= THRESHOLD_MS
     records = _loop_records(caplog)
     named = [r for r in records if "execute of job blame.fans_out" in r.getMessage()]
-    assert len(named) == 2 and {r.execution_id for r in named} == {str(execution.id)}
-    assert not [r for r in records if "not in any jobrunner phase step" in r.getMessage()]
+    assert len(named) >= 2 and {r.execution_id for r in named} == {str(execution.id)}
+    assert len([r for r in named if r.loop_held_ms >= 0.9 * STEP_S * 1000]) >= 2  # the two
+    # neither child's block was left to "other code" (a stall of a busy machine may be)
+    missed = [
+        r
+        for r in records
+        if "not in any jobrunner phase step" in r.getMessage()
+        and r.unexplained_ms >= 0.9 * STEP_S * 1000
+    ]
+    assert not missed, [r.getMessage() for r in missed]
 
 
 async def test_an_innocent_execution_sharing_the_loop_is_not_charged(url: str) -> None:
