@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.util import greenlet_spawn
 
 from . import _queries as q
 from ._attempt import AttemptState, Phase
@@ -359,6 +360,33 @@ class AsyncPhases:
                 async with self.engine.begin() as conn:
                     yield conn
 
+    async def run(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        single: bool = False,
+        read: bool = False,
+    ) -> T:
+        """``fn(conn, *args)`` in one framework transaction, as :meth:`tx` would run it,
+        but all of it — checkout, statements, commit, return — in one greenlet: one
+        switch into SQLAlchemy's sync core instead of one per step (the hot path's
+        statements spend a good part of their client CPU on those switches)."""
+        with framework_sql(self.url):
+            result: T = await greenlet_spawn(self._run_sync, fn, args, single, read)
+            return result
+
+    def _run_sync(self, fn: Callable[..., T], args: tuple[Any, ...], single: bool, read: bool) -> T:
+        if single and self._autocommit is not None:
+            with self._autocommit.sync_engine.connect() as conn:
+                return fn(conn, *args)
+        if read:
+            with self.engine.sync_engine.connect() as conn:
+                conn = conn.execution_options(jobrunner_read_only=True)
+                with conn.begin():
+                    return fn(conn, *args)
+        with self.engine.sync_engine.begin() as conn:
+            return fn(conn, *args)
+
     @contextlib.asynccontextmanager
     async def _open(
         self, state: AttemptState, phase: Phase, *, read_first: bool = False
@@ -418,23 +446,22 @@ class AsyncPhases:
 
     async def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
-        async with self.tx(single=state.concurrency is None) as conn:
-            return await conn.run_sync(
-                lambda c: q.claim_one(
-                    c,
-                    state.execution_id,
-                    worker=state.lease.worker,
-                    lease_s=state.lease.seconds,
-                    no_load=_no_load(state),
-                    concurrency=state.concurrency,
-                    early_s=early_s,
-                )
-            )
+        return await self.run(
+            lambda c: q.claim_one(
+                c,
+                state.execution_id,
+                worker=state.lease.worker,
+                lease_s=state.lease.seconds,
+                no_load=_no_load(state),
+                concurrency=state.concurrency,
+                early_s=early_s,
+            ),
+            single=state.concurrency is None,
+        )
 
     async def fetch(self, state: AttemptState) -> Execution | None:
         """The execution as stored now."""
-        async with self.tx(single=True, read=True) as conn:
-            return await conn.run_sync(q.get, state.execution_id)
+        return await self.run(q.get, state.execution_id, single=True, read=True)
 
     async def load(self, state: AttemptState, job: PhasedJob, running: Running) -> Any:
         """LOAD; a sync ``load`` runs in a worker thread on the sync engine."""
@@ -445,8 +472,7 @@ class AsyncPhases:
             with phase_context(state, "load"):
                 args = _args_value(state)
             if state.lease.how == "insert":
-                async with self.tx(single=True) as conn:
-                    await conn.run_sync(q.insert_execution, state.insert_row or {})
+                await self.run(q.insert_execution, state.insert_row or {}, single=True)
                 state.lease.how = "held"
             return args
         sqlite = self.engine.dialect.name == "sqlite"
@@ -470,8 +496,7 @@ class AsyncPhases:
             if not read_only:
                 await io.run(_start_execute, state)
         if read_only:
-            async with self.tx(single=True) as conn:
-                await conn.run_sync(_start_execute, state)
+            await self.run(_start_execute, state, single=True)
         state.lease.how = "held"
         return loaded
 
@@ -517,8 +542,7 @@ class AsyncPhases:
     async def checkpoint(self, state: AttemptState, result: Any) -> bool:
         """Store the result so a failed record never repeats execute."""
         values = state.checkpoint_values(result)
-        async with self.tx(single=True) as conn:
-            cancel = await conn.run_sync(q.checkpoint, state.lease, values)
+        cancel = await self.run(q.checkpoint, state.lease, values, single=True)
         return _after_checkpoint(state, cancel)
 
     async def record(self, state: AttemptState, job: PhasedJob) -> Execution:
@@ -529,8 +553,10 @@ class AsyncPhases:
             return execution
         if not spec.runs("record"):
             with phase_context(state, "record"):
-                async with self.tx(single=True) as conn:
-                    return await self._finish(_AsyncIO(conn=conn), state)
+                ended = await self.run(_finish_sync, state, single=True)
+                if ended is None:
+                    raise lease_lost(state, "record")
+                return ended
         async with self._open(state, "record") as (session, io):
             result = state.job_cls.restore_result(state.checkpoint)
             async with _deadline(state, "record", state.job_cls.record_timeout):
@@ -554,8 +580,10 @@ class AsyncPhases:
     async def end(self, state: AttemptState, end: End) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
         args = _end_args(state, end)
-        async with self.tx(single=args["insert_if_missing"] is None) as conn:
-            return await conn.run_sync(lambda c: q.end_attempt(c, state.lease, **args))
+        return await self.run(
+            lambda c: q.end_attempt(c, state.lease, **args),
+            single=args["insert_if_missing"] is None,
+        )
 
 
 async def _outlive(
@@ -621,7 +649,15 @@ def _check_deadline(state: AttemptState, phase: str, seconds: float | None) -> N
         raise _timed_out(state, phase, seconds)
 
 
+def _finish_sync(conn: Connection, state: AttemptState) -> Execution | None:
+    """The success write of a job without a record phase of its own."""
+    return q.end_attempt(
+        conn, state.lease, "finish", state.success_values(), state.ledger_row(SUCCEEDED)
+    )
+
+
 _E = TypeVar("_E", Engine, AsyncEngine)
+T = TypeVar("T")
 
 
 def _autocommit(engine: _E) -> _E | None:
