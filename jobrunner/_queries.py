@@ -226,8 +226,11 @@ def _clock_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[str,
     return params, tuple(relative)
 
 
+_EXECUTION_COLUMNS = frozenset(executions.c.keys())
+
+
 def _columns(params: Mapping[str, Any]) -> tuple[str, ...]:
-    return tuple(key for key in params if key in executions.c)
+    return tuple(key for key in params if key in _EXECUTION_COLUMNS)
 
 
 @functools.cache
