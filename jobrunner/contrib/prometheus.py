@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.pool import NullPool
+
 from .. import _queries as q
 from .._engine import database_url, make_sync_engine
 from .._exceptions import ConfigurationError
@@ -235,8 +237,9 @@ class DatabaseCollector(Collector):
         clock: Callable[[], float] = time.monotonic,
         **engine_options: Any,
     ) -> None:
-        engine_options.setdefault("pool_size", 1)
-        engine_options.setdefault("max_overflow", 0)
+        if "poolclass" not in engine_options:
+            engine_options.setdefault("pool_size", 1)
+            engine_options.setdefault("max_overflow", 0)
         self.engine = make_sync_engine(database_url(url), **engine_options)
         self.cache_seconds = cache_seconds
         self._clock = clock
@@ -357,6 +360,28 @@ def asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
         await send({"type": "http.response.body", "body": body})
 
     return app
+
+
+class _Everything:
+    """A collector that yields what another registry holds (the process's own)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        return iter(self._registry.collect())
+
+
+def dashboard_metrics(url: str, registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """The dashboard's ``/metrics``: ``registry`` (default: the process's) plus the
+    database's gauges for ``url``, in a registry of the app's own (so two apps in one
+    process do not register the same collector twice)."""
+    served = CollectorRegistry(auto_describe=False)
+    served.register(_Everything(registry if registry is not None else REGISTRY))
+    # A connection per (cached) read, none held between scrapes: the app may be made
+    # and dropped many times, and has no shutdown hook where it could close a pool.
+    served.register(DatabaseCollector(url, poolclass=NullPool))
+    return asgi_app(served)
 
 
 class Server:

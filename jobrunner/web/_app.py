@@ -31,6 +31,7 @@ def create_app(
     min_interval: float = 1.0,
     secret: bytes | None = None,
     title: str = "jobrunner",
+    metrics: bool | None = None,
 ) -> Starlette:
     """The dashboard: an ASGI app to serve alone or mount in your own app.
 
@@ -56,6 +57,10 @@ def create_app(
         secret: key signing CSRF tokens (default: random per process; pass one to
             share tokens between processes behind a load balancer).
         title: the name in the page header.
+        metrics: serve Prometheus metrics at ``/metrics``: this process's registry
+            (``prometheus_client.REGISTRY``) plus the database's gauges
+            (:class:`jobrunner.contrib.prometheus.DatabaseCollector`), behind the same
+            auth as the pages. Default: on when ``prometheus-client`` is installed.
     """
     store = _store(url_or_runner)
     csrf = Csrf(secret)
@@ -87,6 +92,7 @@ def create_app(
             Route("/queues/{name:path}/resume", actions.resume, methods=["POST"], name="resume"),
             Route("/events", pages.events, name="events"),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            *_metrics_routes(store, metrics),
             *routes,
         ],
         lifespan=lifespan,
@@ -95,6 +101,20 @@ def create_app(
     app.add_middleware(AuthMiddleware, hook=hook)
     app.state.jobrunner = store.runner
     return app
+
+
+def _metrics_routes(store: Store, wanted: bool | None) -> list[Mount]:
+    """``/metrics`` when asked for, or by default when prometheus-client is installed."""
+    if wanted is False:
+        return []
+    try:
+        from ..contrib.prometheus import dashboard_metrics
+    except ImportError:
+        if wanted:
+            raise
+        return []
+    url = store.runner.engine.url.render_as_string(hide_password=False)
+    return [Mount("/metrics", app=dashboard_metrics(url), name="metrics")]
 
 
 def _store(url_or_runner: str | JobRunner | AsyncJobRunner | None) -> Store:
