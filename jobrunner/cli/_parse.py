@@ -7,13 +7,14 @@ import json
 import re
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from .. import _queries as q
+from .. import _typed as typed
 from .._errors_db import framework_sql
 from .._exceptions import ExecutionNotFound
 from .._runner import JobRunner
@@ -25,38 +26,23 @@ IdArgument = Annotated[
     str, typer.Argument(metavar="ID", help="Execution id, or its first 4+ hex digits.")
 ]
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-
 
 def parse_window(text: str, option: str) -> timedelta | datetime:
     """``30m``, ``1h``, ``7d``, ``2w``, ``1h30m`` back from now, or an ISO date/datetime."""
-    compact = text.strip().lower().replace(" ", "")
-    parts = _DURATION.findall(compact)
-    if parts and "".join(n + u for n, u in parts) == compact:
-        return sum((timedelta(**{_UNITS[u]: float(n)}) for n, u in parts), timedelta())
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise BadInput(
-            f"invalid {option} {text!r}: expected a duration like 30m, 1h, 7d, 2w or 1h30m, "
-            "or an ISO date like 2024-05-01"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return typed.window(text)
+    except ValueError as exc:
+        raise BadInput(f"invalid {option} {text!r}: {exc}") from None
 
 
 def parse_statuses(values: Sequence[str] | None) -> list[ExecutionStatus] | None:
     """``--status`` values, repeated or comma-separated; ``None`` when not given."""
     if not values:
         return None
-    known = [s.value for s in ExecutionStatus if s is not ExecutionStatus.ABANDONED]
-    wanted = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
-    unknown = [v for v in wanted if v not in known]
-    if unknown:
-        raise BadInput(
-            f"invalid --status {unknown[0]!r}; an execution's status is one of: {', '.join(known)}"
-        )
-    return [ExecutionStatus(v) for v in wanted]
+    try:
+        return [ExecutionStatus(v) for v in typed.statuses(values)]
+    except ValueError as exc:
+        raise BadInput(f"invalid --status {exc}") from None
 
 
 def parse_job_args(text: str) -> dict[str, Any]:

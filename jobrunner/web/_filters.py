@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
-from .._schema import ExecutionStatus
+from .. import _typed as typed
 
 #: Statuses an execution can have (``abandoned`` is an attempt's status only).
-STATUSES = tuple(s.value for s in ExecutionStatus if s is not ExecutionStatus.ABANDONED)
+STATUSES = typed.STATUSES
 SORTS = ("newest", "oldest")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class BadFilter(ValueError):
@@ -116,32 +112,21 @@ def parse(params: Mapping[str, str] | Sequence[tuple[str, str]]) -> Filters:
 
 
 def _statuses(values: Sequence[str]) -> tuple[str, ...]:
-    wanted = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
-    for value in wanted:
-        if value not in STATUSES:
-            raise BadFilter(
-                f"invalid status {value[:40]!r}; an execution's status is one of: "
-                + ", ".join(STATUSES)
-            )
-    return tuple(dict.fromkeys(wanted))
+    try:
+        return tuple(typed.statuses(values))
+    except ValueError as exc:
+        raise BadFilter(f"invalid status {exc}") from None
 
 
 def _moment(text: str, name: str, now: datetime) -> datetime | None:
     """``30m``, ``1h``, ``7d``, ``1h30m`` back from now, or an ISO date/datetime."""
     if not text:
         return None
-    compact = text.lower().replace(" ", "")
-    parts = _DURATION.findall(compact)
-    if parts and "".join(n + u for n, u in parts) == compact:
-        return now - sum((timedelta(**{_UNITS[u]: float(n)}) for n, u in parts), timedelta())
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise BadFilter(
-            f"invalid {name} {text[:40]!r}: expected a duration like 30m, 1h, 7d or 1h30m, "
-            "or an ISO date like 2024-05-01"
-        ) from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        found = typed.window(text)
+    except ValueError as exc:
+        raise BadFilter(f"invalid {name} {text[:40]!r}: {exc}") from None
+    return now - found if isinstance(found, timedelta) else found
 
 
 def _choice(value: str, choices: Sequence[str], name: str) -> str:
