@@ -332,9 +332,7 @@ class _RunnerBase:
         if job is None:
             return None
         # A class is code; a name may come from a message: looked up, never imported.
-        job_cls = self.registry.resolve(job) if isinstance(job, type) else None
-        if isinstance(job, str):
-            job_cls = self.registry.lookup(job)
+        job_cls = self.registry.lookup(job) if isinstance(job, str) else self.registry.resolve(job)
         if job_cls is None:
             return None  # the row names the job
         self._check_runnable(job_cls)

@@ -216,15 +216,7 @@ class SyncPhases:
     def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
         with self.tx(single=state.concurrency is None) as conn:
-            return q.claim_one(
-                conn,
-                state.execution_id,
-                worker=state.lease.worker,
-                lease_s=state.lease.seconds,
-                no_load=_no_load(state),
-                concurrency=state.concurrency,
-                early_s=early_s,
-            )
+            return _claim(conn, state, early_s)
 
     def fetch(self, state: AttemptState) -> Execution | None:
         """The execution as stored now."""
@@ -446,18 +438,7 @@ class AsyncPhases:
 
     async def claim(self, state: AttemptState, early_s: float) -> dict[str, Any] | None:
         """Claim the execution for the next attempt (its own transaction)."""
-        return await self.run(
-            lambda c: q.claim_one(
-                c,
-                state.execution_id,
-                worker=state.lease.worker,
-                lease_s=state.lease.seconds,
-                no_load=_no_load(state),
-                concurrency=state.concurrency,
-                early_s=early_s,
-            ),
-            single=state.concurrency is None,
-        )
+        return await self.run(_claim, state, early_s, single=state.concurrency is None)
 
     async def fetch(self, state: AttemptState) -> Execution | None:
         """The execution as stored now."""
@@ -647,6 +628,19 @@ def _check_deadline(state: AttemptState, phase: str, seconds: float | None) -> N
     """A sync load/record cannot be interrupted; past its timeout it is rolled back."""
     if seconds is not None and (time.perf_counter() - state.phase_started) > seconds:
         raise _timed_out(state, phase, seconds)
+
+
+def _claim(conn: Connection, state: AttemptState, early_s: float) -> dict[str, Any] | None:
+    """The claim of ``state``'s next attempt (both runners)."""
+    return q.claim_one(
+        conn,
+        state.execution_id,
+        worker=state.lease.worker,
+        lease_s=state.lease.seconds,
+        no_load=_no_load(state),
+        concurrency=state.concurrency,
+        early_s=early_s,
+    )
 
 
 def _finish_sync(conn: Connection, state: AttemptState) -> Execution | None:
