@@ -323,3 +323,18 @@ async def test_dashboard_serves_metrics_when_mounted(backend: Backend) -> None:
         for s in family.samples
     }
     assert value(samples, "jobrunner_executions", status="pending", queue="mounted") == 1
+
+
+def test_a_new_registry_never_gets_a_collected_ones_metrics() -> None:
+    """Registries come and go (one per app, per test): each gets metrics of its own, even
+    when Python gives it the address a collected one had."""
+    import gc
+
+    from jobrunner.contrib.prometheus import _families_of
+
+    for _ in range(20):
+        registry = CollectorRegistry()
+        _families_of(registry).reaped.inc()
+        assert registry.get_sample_value("jobrunner_leases_reaped_total") == 1.0
+        del registry
+        gc.collect()

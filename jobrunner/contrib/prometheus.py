@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -134,15 +135,17 @@ class _Families:
         )
 
 
-_families: dict[int, _Families] = {}
+# By the registry itself, weakly: keyed by id(), a new registry that took a collected
+# one's id would get the old registry's families, and its metrics would never be seen.
+_families: weakref.WeakKeyDictionary[CollectorRegistry, _Families] = weakref.WeakKeyDictionary()
 _families_lock = threading.Lock()
 
 
 def _families_of(registry: CollectorRegistry) -> _Families:
     with _families_lock:
-        found = _families.get(id(registry))
+        found = _families.get(registry)
         if found is None:
-            found = _families[id(registry)] = _Families(registry)
+            found = _families[registry] = _Families(registry)
         return found
 
 
