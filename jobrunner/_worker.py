@@ -135,8 +135,9 @@ class Pacer:
         self._next_reap = self._clock() + interval
         return True
 
-    def failed(self) -> tuple[bool, float]:
-        """A claim or reap failed (the database is away): whether to log it, how long to wait.
+    def failed(self) -> tuple[bool, float, float]:
+        """A claim failed (the database is away): whether to log it, how long to wait, and
+        how long the failures have lasted.
 
         Logged at the first failure of an outage, then once a minute; waits back off from
         ``poll_interval`` to :data:`MAX_OUTAGE_WAIT`, jittered so that many workers do not
@@ -151,7 +152,7 @@ class Pacer:
             self._next_outage_log = now + OUTAGE_LOG_EVERY
         base = max(self.options.poll_interval, 0.01)
         seconds = min(base * 2 ** (self._failures - 1), max(base, MAX_OUTAGE_WAIT))
-        return log, seconds * random.uniform(0.9, 1.1)
+        return log, seconds * random.uniform(0.9, 1.1), now - self._outage_since
 
     def recovered(self) -> float | None:
         """A claim succeeded: how long the outage it ends lasted (None if there was none)."""
@@ -160,10 +161,6 @@ class Pacer:
         lasted = self._clock() - self._outage_since
         self._outage_since, self._failures, self._next_outage_log = None, 0, 0.0
         return lasted
-
-    def outage(self) -> float:
-        """Seconds since the current outage began (0 without one)."""
-        return 0.0 if self._outage_since is None else self._clock() - self._outage_since
 
     def wait(self) -> float:
         """How long to sleep before polling again: jittered, and never past a reap."""
@@ -184,18 +181,22 @@ def _log_error(what: str, exc: BaseException) -> None:
 
 
 def _database_failed(pacer: Pacer, what: str, exc: BaseException) -> float:
-    """Log a failed claim or reap (once per outage and minute); how long to wait."""
-    log, seconds = pacer.failed()
+    """Log a failed claim (once per outage and minute); how long to wait."""
+    log, seconds, lasted = pacer.failed()
     if log:
-        lasted = pacer.outage()
         since = f" for {lasted:.0f} s" if lasted >= 1 else ""
+        state = (
+            f"the database has been unreachable{since}"
+            if isinstance(exc, DatabaseUnavailable)
+            else f"failing{since}"
+        )
         logger.warning(
-            "worker: %s failed (%s: %s); the database has been unreachable%s, trying again "
-            "with backoff (up to %.0f s between tries)",
+            "worker: %s failed (%s: %s); %s, trying again with backoff (up to %.0f s "
+            "between tries)",
             what,
             type(exc).__name__,
             exc,
-            since,
+            state,
             MAX_OUTAGE_WAIT,
         )
     return seconds

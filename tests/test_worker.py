@@ -345,7 +345,7 @@ def test_a_database_outage_backs_off_and_is_logged_once_a_minute() -> None:
     assert pacer.recovered() is None  # no outage yet
     logged, waits = [], []
     for _ in range(12):
-        log, wait = pacer.failed()
+        log, wait, _lasted = pacer.failed()
         logged.append(log)
         waits.append(wait)
         now[0] += wait
@@ -353,7 +353,9 @@ def test_a_database_outage_backs_off_and_is_logged_once_a_minute() -> None:
     assert waits[0] < 0.6 and waits[1] > waits[0] and waits[2] > waits[1]  # backing off
     assert max(waits) <= MAX_OUTAGE_WAIT * 1.1  # jitter at most 10 %
     now[0] += OUTAGE_LOG_EVERY
-    assert pacer.failed()[0]  # a minute later it says so again
+    log, _, lasted_so_far = pacer.failed()
+    assert log  # a minute later it says so again, with how long it has lasted
+    assert lasted_so_far == pytest.approx(sum(waits) + OUTAGE_LOG_EVERY)
     lasted = pacer.recovered()
     assert lasted is not None and lasted == pytest.approx(sum(waits) + OUTAGE_LOG_EVERY)
     assert pacer.recovered() is None
