@@ -364,7 +364,7 @@ class _RunnerBase:
                 "execution %s is %s; not running it",
                 execution.id,
                 execution.status,
-                extra=_extra(execution),
+                extra=execution.log_fields(),
             )
             return None
         job_cls = self.registry.resolve_row(execution.job, execution.handler)
@@ -379,7 +379,7 @@ class _RunnerBase:
                 execution.job,
                 execution.error_message,
                 execution.status,
-                extra=_extra(execution),
+                extra=execution.log_fields(),
             )
         if self._instruments:
             _hooks.reaped(self._instruments, reaped)
@@ -419,16 +419,6 @@ class _RunnerBase:
                 f"{', '.join(RETRYABLE_BY_HAND)} executions can be retried"
             )
         return execution
-
-
-def _extra(execution: Execution) -> dict[str, Any]:
-    """The structured fields of a log line about a stored execution."""
-    return {
-        "execution_id": str(execution.id),
-        "job": execution.job,
-        "attempt": execution.attempt,
-        "phase": execution.phase,
-    }
 
 
 _warned: set[str] = set()

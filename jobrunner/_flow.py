@@ -266,12 +266,7 @@ def _log_scheduled(execution: Execution) -> None:
         execution.id,
         execution.job,
         execution.due_at,
-        extra={
-            "execution_id": str(execution.id),
-            "job": execution.job,
-            "attempt": execution.attempt,
-            "phase": execution.phase,
-        },
+        extra=execution.log_fields(),
     )
 
 

@@ -27,7 +27,7 @@ from . import _queries as q
 from ._attempt import AttemptState, Phase
 from ._errors_db import framework_sql
 from ._exceptions import ExecutionCancelled, JobTimedOut, LeaseLost
-from ._flow import Abandoned, End, Executed
+from ._flow import Abandoned, End, Executed, extra
 from ._inflight import Running
 from ._job import JobContext, PhasedJob
 from ._lifecycle import Outcome
@@ -75,12 +75,7 @@ def _overran(state: AttemptState, running: Running, seconds: float) -> JobTimedO
         state.job_cls.name,
         state.execution_id,
         seconds,
-        extra={
-            "execution_id": str(state.execution_id),
-            "job": state.job_cls.name,
-            "attempt": state.number,
-            "phase": "execute",
-        },
+        extra={**extra(state), "phase": "execute"},
     )
     return _timed_out(state, "execute", seconds)
 

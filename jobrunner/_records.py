@@ -60,6 +60,15 @@ class Execution:
         values["status"] = ExecutionStatus(values["status"])
         return cls(**values)
 
+    def log_fields(self) -> dict[str, Any]:
+        """The structured fields (``extra``) of a log line about this execution."""
+        return {
+            "execution_id": str(self.id),
+            "job": self.job,
+            "attempt": self.attempt,
+            "phase": self.phase,
+        }
+
     @property
     def next_retry_at(self) -> datetime | None:
         """When a ``retrying`` execution is due again (None otherwise)."""

@@ -259,12 +259,7 @@ def _outcome(execution: Execution) -> str:
             "max_concurrency); it is due, for a worker to run",
             execution.id,
             execution.job,
-            extra={
-                "execution_id": str(execution.id),
-                "job": execution.job,
-                "attempt": execution.attempt,
-                "phase": execution.phase,
-            },
+            extra=execution.log_fields(),
         )
     if execution.status in (
         ExecutionStatus.SUCCEEDED,

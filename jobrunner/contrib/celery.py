@@ -613,12 +613,7 @@ def _ignored(current: Execution) -> dict[str, Any]:
         "jobrunner: execution %s is %s; message ignored",
         current.id,
         current.status.value,
-        extra={
-            "execution_id": str(current.id),
-            "job": current.job,
-            "attempt": current.attempt,
-            "phase": current.phase,
-        },
+        extra=current.log_fields(),
     )
     return {"execution_id": str(current.id), "status": current.status.value}
 
