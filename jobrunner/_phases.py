@@ -32,6 +32,7 @@ from ._inflight import Running
 from ._job import JobContext, PhasedJob
 from ._lifecycle import Outcome
 from ._monitor import LoopHealth, PhaseInfo, phase_context, time_child_tasks, timed_steps
+from ._prepared import Checkout, Conn
 from ._records import Execution
 from ._schema import ExecutionStatus
 from ._session import PhaseSession, SessionScope
@@ -131,7 +132,7 @@ def changes(conn: Connection) -> int | None:
     return int(driver.total_changes)
 
 
-def _start_execute(conn: Connection, state: AttemptState) -> None:
+def _start_execute(conn: Conn, state: AttemptState) -> None:
     """Create the inline row, or move a held one to execute (lease-checked)."""
     if state.lease.how == "insert":
         q.insert_execution(conn, state.insert_row or {})
@@ -193,6 +194,19 @@ class SyncPhases:
                     yield conn
 
     @contextlib.contextmanager
+    def write(self) -> Iterator[Conn]:
+        """One statement of :mod:`jobrunner._prepared`, atomic by itself: on PostgreSQL
+        a bare pooled connection in autocommit (no ``Connection``, no BEGIN/COMMIT),
+        elsewhere a transaction of its own."""
+        with framework_sql(self.url):
+            if self._autocommit is not None:
+                with Checkout(self._autocommit) as conn:
+                    yield conn
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
+
+    @contextlib.contextmanager
     def _open(
         self, state: AttemptState, phase: Phase, *, read_first: bool = False
     ) -> Iterator[tuple[Session, Connection]]:
@@ -224,7 +238,7 @@ class SyncPhases:
             with phase_context(state, "load"):
                 args = _args_value(state)
             if state.lease.how == "insert":  # inline: the row appears, held, in execute
-                with self.tx(single=True) as conn:
+                with self.write() as conn:
                     q.insert_execution(conn, state.insert_row or {})
                 state.lease.how = "held"
             return args
@@ -248,7 +262,7 @@ class SyncPhases:
             if not read_only:  # a stale owner's load writes must not commit
                 _start_execute(conn, state)
         if read_only:  # nothing of load's to commit with it: a short write of its own
-            with self.tx(single=True) as conn:
+            with self.write() as conn:
                 _start_execute(conn, state)
         state.lease.how = "held"
         return loaded
@@ -275,14 +289,14 @@ class SyncPhases:
 
     def checkpoint(self, state: AttemptState, result: Any) -> bool:
         """Store the result so a failed record never repeats execute."""
-        with self.tx(single=True) as conn:
+        with self.write() as conn:
             cancel = q.checkpoint(conn, state.lease, state.checkpoint_values(result))
         return _after_checkpoint(state, cancel)
 
     def record(self, state: AttemptState, job: PhasedJob) -> Execution:
         """RECORD: ``job.record`` plus the ``succeeded`` status, one transaction."""
         if not state.job_cls.spec.runs("record"):
-            with phase_context(state, "record"), self.tx(single=True) as conn:
+            with phase_context(state, "record"), self.write() as conn:
                 return self._finish(conn, state)
         with self._open(state, "record") as (session, conn):
             job.record(session, state.job_cls.restore_result(state.checkpoint))
@@ -290,7 +304,7 @@ class SyncPhases:
             _check_deadline(state, "record", state.job_cls.record_timeout)
             return self._finish(conn, state)
 
-    def _finish(self, conn: Connection, state: AttemptState) -> Execution:
+    def _finish(self, conn: Conn, state: AttemptState) -> Execution:
         execution = q.end_attempt(
             conn, state.lease, "finish", state.success_values(), state.ledger_row(SUCCEEDED)
         )
@@ -301,8 +315,11 @@ class SyncPhases:
     def end(self, state: AttemptState, end: End) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
         args = _end_args(state, end)
-        with self.tx(single=args["insert_if_missing"] is None) as conn:
-            return q.end_attempt(conn, state.lease, **args)
+        if args["insert_if_missing"] is None:
+            with self.write() as conn:
+                return q.end_attempt(conn, state.lease, **args)
+        with self.tx() as tx:
+            return q.end_attempt(tx, state.lease, **args)
 
 
 class AsyncPhases:
@@ -361,6 +378,20 @@ class AsyncPhases:
         with framework_sql(self.url):
             result: T = await greenlet_spawn(self._run_sync, fn, args, single, read)
             return result
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)``: one statement of :mod:`jobrunner._prepared`, atomic by
+        itself (see :meth:`SyncPhases.write`), all in one greenlet."""
+        with framework_sql(self.url):
+            result: T = await greenlet_spawn(self._write_sync, fn, args)
+            return result
+
+    def _write_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._autocommit is not None:
+            with Checkout(self._autocommit.sync_engine) as conn:
+                return fn(conn, *args)
+        with self.engine.sync_engine.begin() as tx:
+            return fn(tx, *args)
 
     def _run_sync(self, fn: Callable[..., T], args: tuple[Any, ...], single: bool, read: bool) -> T:
         if single and self._autocommit is not None:
@@ -448,7 +479,7 @@ class AsyncPhases:
             with phase_context(state, "load"):
                 args = _args_value(state)
             if state.lease.how == "insert":
-                await self.run(q.insert_execution, state.insert_row or {}, single=True)
+                await self.write(q.insert_execution, state.insert_row or {})
                 state.lease.how = "held"
             return args
         sqlite = self.engine.dialect.name == "sqlite"
@@ -472,7 +503,7 @@ class AsyncPhases:
             if not read_only:
                 await io.run(_start_execute, state)
         if read_only:
-            await self.run(_start_execute, state, single=True)
+            await self.write(_start_execute, state)
         state.lease.how = "held"
         return loaded
 
@@ -518,7 +549,7 @@ class AsyncPhases:
     async def checkpoint(self, state: AttemptState, result: Any) -> bool:
         """Store the result so a failed record never repeats execute."""
         values = state.checkpoint_values(result)
-        cancel = await self.run(q.checkpoint, state.lease, values, single=True)
+        cancel = await self.write(q.checkpoint, state.lease, values)
         return _after_checkpoint(state, cancel)
 
     async def record(self, state: AttemptState, job: PhasedJob) -> Execution:
@@ -529,7 +560,7 @@ class AsyncPhases:
             return execution
         if not spec.runs("record"):
             with phase_context(state, "record"):
-                ended = await self.run(_finish_sync, state, single=True)
+                ended = await self.write(_finish_sync, state)
                 if ended is None:
                     raise lease_lost(state, "record")
                 return ended
@@ -556,10 +587,9 @@ class AsyncPhases:
     async def end(self, state: AttemptState, end: End) -> Execution | None:
         """Write a failed attempt in a fresh transaction (the phase's may be unusable)."""
         args = _end_args(state, end)
-        return await self.run(
-            lambda c: q.end_attempt(c, state.lease, **args),
-            single=args["insert_if_missing"] is None,
-        )
+        if args["insert_if_missing"] is None:
+            return await self.write(lambda c: q.end_attempt(c, state.lease, **args))
+        return await self.run(lambda c: q.end_attempt(c, state.lease, **args))
 
 
 async def _outlive(
@@ -638,7 +668,7 @@ def _claim(conn: Connection, state: AttemptState, early_s: float) -> dict[str, A
     )
 
 
-def _finish_sync(conn: Connection, state: AttemptState) -> Execution | None:
+def _finish_sync(conn: Conn, state: AttemptState) -> Execution | None:
     """The success write of a job without a record phase of its own."""
     return q.end_attempt(
         conn, state.lease, "finish", state.success_values(), state.ledger_row(SUCCEEDED)

@@ -44,6 +44,9 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from ._clock import after, db_now, seconds
 from ._exceptions import IdempotencyConflict
 from ._lifecycle import Event, sources, target, target_of
+from ._prepared import Conn
+from ._prepared import execute as run_prepared
+from ._prepared import first as first_prepared
 from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
 from ._schema import ExecutionStatus, attempts, audit, executions, metadata, queues
 
@@ -122,7 +125,7 @@ def _dialect_insert(conn: Connection) -> Any:
     return pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
 
 
-def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
+def insert_execution(conn: Conn, values: Mapping[str, Any]) -> None:
     """Insert one execution row (pending for submit, running for an inline run).
 
     ``due_at`` and ``lease_expires_at`` given as numbers are seconds from the database's
@@ -132,7 +135,7 @@ def insert_execution(conn: Connection, values: Mapping[str, Any]) -> None:
     params, relative = _clock_params(values)
     notify = params["status"] == target(Event.SUBMIT)
     stmt = _insert_statement(conn.dialect.name, _columns(params), relative, notify, False)
-    conn.execute(stmt, params)
+    run_prepared(conn, stmt, params)
 
 
 def insert_many(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -547,12 +550,12 @@ _PHASE_STARTED = _renewing(Event.PHASE_STARTED)
 _CHECKPOINT = _renewing(Event.CHECKPOINT)
 
 
-def _renew(conn: Connection, stmts: Any, lease: Lease, values: Mapping[str, Any]) -> bool | None:
-    row = conn.execute(stmts[lease.how], _lease_params(lease, values)).first()
-    return None if row is None else bool(row[0])
+def _renew(conn: Conn, stmts: Any, lease: Lease, values: Mapping[str, Any]) -> bool | None:
+    row = first_prepared(conn, stmts[lease.how], _lease_params(lease, values))
+    return None if row is None else bool(row["cancel_requested"])
 
 
-def phase_started(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
+def phase_started(conn: Conn, lease: Lease, values: Mapping[str, Any]) -> bool | None:
     """Mark a new phase (and renew the lease) in the phase's own transaction.
 
     Returns ``cancel_requested``, or None when the lease is lost: the caller must then
@@ -561,7 +564,7 @@ def phase_started(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> 
     return _renew(conn, _PHASE_STARTED, lease, values)
 
 
-def checkpoint(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> bool | None:
+def checkpoint(conn: Conn, lease: Lease, values: Mapping[str, Any]) -> bool | None:
     """Store execute's result. Returns ``cancel_requested``, or None if the lease is lost.
 
     Written even when a cancel is requested: a finished execute is never thrown away.
@@ -644,7 +647,7 @@ def _end_statement(kind: Ending, how: str, keys: tuple[str, ...], with_ledger: b
 
 
 def end_attempt(
-    conn: Connection,
+    conn: Conn,
     lease: Lease,
     kind: Ending,
     values: Mapping[str, Any],
@@ -669,14 +672,18 @@ def end_attempt(
     ledger = {f"a_{c.name}": attempt_row.get(c.name) for c in attempts.c if c.name != "id"}
     pg = conn.dialect.name == "postgresql" and insert_if_missing is None
     stmt = _end_statement(kind, lease.how, tuple(values), pg)
-    row = conn.execute(stmt, _lease_params(lease, {**params, **ledger})).mappings().first()
+    row = first_prepared(conn, stmt, _lease_params(lease, {**params, **ledger}))
     if row is None and insert_if_missing is not None:
+        assert isinstance(conn, Connection)  # a transaction: see the runners' end()
         row = _insert_ended(conn, lease, insert_if_missing)
     if row is None:
         return None
     if not pg:
-        conn.execute(insert(attempts), {k[2:]: v for k, v in ledger.items()})
+        run_prepared(conn, _LEDGER, {k[2:]: v for k, v in ledger.items()})
     return Execution.from_row(row)
+
+
+_LEDGER = insert(attempts)
 
 
 def _insert_ended(conn: Connection, lease: Lease, values: Mapping[str, Any]) -> Any:
