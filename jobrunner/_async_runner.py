@@ -231,8 +231,11 @@ class AsyncJobRunner(_RunnerBase):
             execution_id: uuid.UUID = await _in_callers_transaction(session, self.engine, write)
             on_commit(_sync_of(session), self._submitted)
             return execution_id
-        async with self._phases.tx(single=True) as conn:
-            execution_id = await conn.run_sync(write)
+        if row.get("idempotency_key") is None:  # one INSERT: on a bare connection
+            await self._phases.write(q.insert_execution, row)
+            execution_id = row["id"]
+        else:
+            execution_id = await self._phases.run(write, single=True)
         self._submitted()
         return execution_id
 

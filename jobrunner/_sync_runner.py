@@ -198,8 +198,13 @@ class JobRunner(_RunnerBase):
             execution_id = q.submit_row(conn, row, unique_for=window)
             on_commit(session, self._submitted)
             return execution_id
-        with self._phases.tx(single=True) as conn:
-            execution_id = q.submit_row(conn, row, unique_for=window)
+        if row.get("idempotency_key") is None:  # one INSERT: on a bare connection
+            with self._phases.write() as bare:
+                q.insert_execution(bare, row)
+            execution_id = row["id"]
+        else:
+            with self._phases.tx(single=True) as conn:
+                execution_id = q.submit_row(conn, row, unique_for=window)
         self._submitted()
         return execution_id
 
