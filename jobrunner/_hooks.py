@@ -39,9 +39,22 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("jobrunner.hooks")
 
-_PHASES: dict[type[Any], str] = {Load: "load", Execute: "execute", Record: "record"}
-#: Requests that belong to an attempt: the first of them opens it.
-_IN_ATTEMPT = (Load, Execute, Checkpoint, Record, End)
+#: What the watch does with each kind of request: a phase name starts and ends that
+#: phase; the others belong to an attempt too (the first request of any of them opens
+#: it), except a Fetch, which is only read mid-attempt after the lease was lost. Claim
+#: and Sleep (not here) come between attempts.
+_FETCH = "fetch"
+_OTHER = "other"
+_KINDS: dict[type[Any], str] = {
+    Load: "load",
+    Execute: "execute",
+    Record: "record",
+    Checkpoint: _OTHER,
+    End: _OTHER,
+    Fetch: _FETCH,
+}
+#: Where the phases time themselves (``AttemptState.timings``).
+_TIMING = {"load": "load_ms", "execute": "execute_ms", "record": "record_ms"}
 
 #: The outcomes an attempt may end with (the ``outcome`` label of the metrics).
 OUTCOMES = (
@@ -186,45 +199,63 @@ def reaped(instruments: tuple[Instrument, ...], executions: Sequence[Execution])
 
 
 class Watch:
-    """Turns the requests of one execution's flow into observer calls."""
+    """Turns the requests of one execution's flow into observer calls.
 
-    __slots__ = ("_instruments", "_observers", "_started", "_state")
+    Per request it does a dictionary lookup and, inside an attempt, calls the observers
+    directly: it runs for every request of every execution, so it is kept to what the
+    observers need (measured by callgrind, see docs/benchmarks.md "observability").
+    """
+
+    __slots__ = ("_instruments", "_observers", "_reversed", "_started", "_state")
 
     def __init__(self, instruments: tuple[Instrument, ...], state: AttemptState) -> None:
         self._instruments = instruments
         self._state = state
+        # The open attempt's observers (None between attempts), and the same in reverse:
+        # observers that attached a context in phase_started detach it in phase_ended,
+        # so the last one opened is the first one closed.
         self._observers: list[AttemptObserver] | None = None
+        self._reversed: list[AttemptObserver] = []
         self._started = 0.0
 
     def before(self, request: Request) -> None:
         """A request is about to be performed."""
-        if isinstance(request, _IN_ATTEMPT) and self._observers is None:
+        kind = _KINDS.get(type(request))
+        if kind is None:  # Claim, Sleep: between attempts
+            return
+        if self._observers is None:
+            if kind is _FETCH:  # reading the row back between attempts
+                return
             self._open()
-        phase = _PHASES.get(type(request))
-        if phase is not None:
-            self._started = time.perf_counter()
-            self._each("phase_started", phase)
-        elif isinstance(request, Fetch) and self._observers is not None:
+        if kind is _FETCH:
             # Mid-attempt, the flow reads the row back only after losing its lease.
             self._lost()
+        elif kind is not _OTHER:
+            self._started = time.perf_counter()
+            for observer in self._observers or ():
+                try:
+                    observer.phase_started(kind)
+                except Exception as exc:
+                    _failed("phase_started", observer, exc)
 
     def after(self, request: Request, answer: Any, error: BaseException | None) -> None:
         """A request was performed: ``answer`` is its result, ``error`` what it raised."""
-        phase = _PHASES.get(type(request))
-        if phase is not None:
-            took = self._state.timings.get(f"{phase}_ms")
-            seconds = took / 1000 if took is not None else time.perf_counter() - self._started
-            self._each("phase_ended", phase, seconds, error)
-            if isinstance(request, Record) and error is None:
-                self._end("succeeded", answer)
-        elif isinstance(request, End) and error is None:
-            if answer is None:
-                self._lost()
-                return
-            outcome = _outcome(request, answer)
-            if outcome == "retried":
-                self._each("retry_scheduled", request.wait, answer.due_at)
-            self._end(outcome, answer)
+        kind = _KINDS.get(type(request))
+        if kind is None or kind is _FETCH or self._observers is None:
+            return
+        if kind is _OTHER:
+            if error is None and isinstance(request, End):
+                self._ended(request, answer)
+            return
+        took = self._state.timings.get(_TIMING[kind])
+        seconds = took / 1000 if took is not None else time.perf_counter() - self._started
+        for observer in self._reversed:
+            try:
+                observer.phase_ended(kind, seconds, error)
+            except Exception as exc:
+                _failed("phase_ended", observer, exc)
+        if kind == "record" and error is None:
+            self._end("succeeded", answer)
 
     def done(self, execution: Execution) -> None:
         """The flow returned (every attempt already ended)."""
@@ -260,25 +291,38 @@ class Watch:
             if observer is not None:
                 observers.append(observer)
         self._observers = observers
+        self._reversed = observers[::-1]
+
+    def _ended(self, end: End, execution: Execution | None) -> None:
+        if execution is None:
+            self._lost()
+            return
+        outcome = _outcome(end, execution)
+        if outcome == "retried":
+            for observer in self._observers or ():
+                try:
+                    observer.retry_scheduled(end.wait, execution.due_at)
+                except Exception as exc:
+                    _failed("retry_scheduled", observer, exc)
+        self._end(outcome, execution)
 
     def _lost(self) -> None:
-        self._each("lease_lost")
+        for observer in self._observers or ():
+            try:
+                observer.lease_lost()
+            except Exception as exc:
+                _failed("lease_lost", observer, exc)
         self._end("lease_lost", None)
 
     def _end(self, outcome: str, execution: Execution | None) -> None:
-        self._each("attempt_ended", outcome, execution, self._state.error)
-        self._observers = None
-
-    def _each(self, method: str, *args: Any) -> None:
-        # Observers that attached a context in phase_started detach it in phase_ended:
-        # the last one opened is the first one closed.
-        observers = self._observers or ()
-        ordered = reversed(observers) if method in ("phase_ended", "attempt_ended") else observers
-        for observer in ordered:
+        error = self._state.error
+        for observer in self._reversed:
             try:
-                getattr(observer, method)(*args)
+                observer.attempt_ended(outcome, execution, error)
             except Exception as exc:
-                _failed(method, observer, exc)
+                _failed("attempt_ended", observer, exc)
+        self._observers = None
+        self._reversed = []
 
 
 def _outcome(end: End, execution: Execution) -> str:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode, get_current_span
 from pydantic import BaseModel
 
@@ -480,6 +481,44 @@ def test_unsampled_executions_make_no_spans(backend: Backend) -> None:
     assert stored is not None
     assert int(stored["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # not sampled
     assert done.result["span"] != 0  # the attempt's context, carried into execute
+
+
+class _Asked(Sampler):
+    """Samples nothing, and remembers which spans the tracer asked it about."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, *args: Any,
+                      **kwargs: Any) -> SamplingResult:
+        self.asked.append(name)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "asked"
+
+
+def test_an_unsampled_attempt_starts_no_phase_spans(backend: Backend) -> None:
+    """Unsampled, an attempt asks the tracer for its own span only: no phase span is
+    started (not even a non-recording one), and its context is still current in execute."""
+    sampler = _Asked()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing()
+    with JobRunner(backend.url, registry=Registry(), instruments=[OpenTelemetry(provider)]) as r:
+        probe = r.registry.register(_probe(tracing))
+        r.submit(probe, {"n": 7})
+        [worked] = r.run_due()
+        inline = r.run(probe, {"n": 8})
+    provider.shutdown()
+    tracing.provider.shutdown()
+    assert worked.status is ExecutionStatus.SUCCEEDED
+    assert inline.status is ExecutionStatus.SUCCEEDED
+    # a submit, then one attempt each (an inline run makes no create span)
+    assert sampler.asked == ["create default", "process default", "process default"]
+    assert exporter.get_finished_spans() == ()
+    assert worked.result["span"] != 0 and inline.result["span"] != 0
 
 
 def test_phase_spans_can_be_left_out(backend: Backend, tracing: Tracing) -> None:

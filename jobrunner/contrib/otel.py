@@ -129,6 +129,11 @@ class OpenTelemetry(Instrument):
             links=links,
             attributes=attributes,
         )
+        if not span.is_recording():
+            # Unsampled: its phases would not be sampled either, and nothing set on it is
+            # kept. It is only made current, so that spans of the job's own code see an
+            # unsampled parent (a ParentBased sampler then drops them too).
+            return _Unsampled(span)
         return _Attempt(self.tracer, span, attempt, phase_spans=self.phase_spans)
 
 
@@ -143,41 +148,68 @@ def _attributes(operation: str, queue: str, execution_id: str, job: str) -> dict
     }
 
 
+#: The attribute of each phase's span (the attempt's span, their parent, carries the
+#: rest: each attribute costs).
+_PHASE_ATTRIBUTES = {phase: {"jobrunner.phase": phase} for phase in ("load", "execute", "record")}
+
+
+class _Unsampled(AttemptObserver):
+    """An attempt the sampler left out: its span is current while it runs, nothing more."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, span: Any) -> None:
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+
+    def attempt_ended(
+        self, outcome: str, execution: Execution | None, error: ErrorInfo | None
+    ) -> None:
+        otel_context.detach(self._token)
+
+
 class _Attempt(AttemptObserver):
     """One attempt's span, and its phases' spans; each current while it is open."""
+
+    __slots__ = (
+        "_last_phase",
+        "_own",
+        "_phase",
+        "_phase_token",
+        "_span",
+        "_token",
+        "_tracer",
+    )
 
     def __init__(self, tracer: Any, span: Any, attempt: AttemptView, *, phase_spans: bool) -> None:
         self._tracer = tracer
         self._span = span
-        self._attempt = attempt
         self._token = otel_context.attach(trace.set_span_in_context(span))
-        # Unsampled, its phases would not be sampled either: no phase spans then.
-        self._phases = phase_spans and span.is_recording()
+        # The phases that get a span: those the job defines (its own code runs there).
+        self._own = attempt.own_phases if phase_spans else frozenset()
         self._phase: Any = None
         self._phase_token: Any = None
         self._last_phase: str | None = None
 
     def phase_started(self, phase: str) -> None:
         self._last_phase = phase
-        if not self._phases or phase not in self._attempt.own_phases:
+        if phase not in self._own:
             # No span where no code of the job runs (only jobrunner's write, timed by
             # the attempt's span); the attempt's span stays current for the phase.
             return
-        self._phase = self._tracer.start_span(
+        span = self._phase = self._tracer.start_span(
             phase,
             kind=SpanKind.INTERNAL,
-            # The attempt's span, their parent, carries the rest: each attribute costs.
-            attributes={"jobrunner.phase": phase},
+            attributes=_PHASE_ATTRIBUTES[phase],
         )
-        self._phase_token = otel_context.attach(trace.set_span_in_context(self._phase))
+        self._phase_token = otel_context.attach(trace.set_span_in_context(span))
 
     def phase_ended(self, phase: str, seconds: float, error: BaseException | None) -> None:
-        span, self._phase = self._phase, None
-        if self._phase_token is not None:
-            otel_context.detach(self._phase_token)
-            self._phase_token = None
+        span = self._phase
         if span is None:
             return
+        self._phase = None
+        otel_context.detach(self._phase_token)
+        self._phase_token = None
         if error is not None:
             span.record_exception(error)
             span.set_attribute("error.type", describe(error)[0])
@@ -197,13 +229,14 @@ class _Attempt(AttemptObserver):
         self, outcome: str, execution: Execution | None, error: ErrorInfo | None
     ) -> None:
         span = self._span
-        span.set_attribute("jobrunner.outcome", outcome)
+        # One call for all of them: the span takes its lock once.
+        attributes: dict[str, Any] = {"jobrunner.outcome": outcome}
         if self._last_phase is not None:  # the phase it ended in
-            span.set_attribute("jobrunner.phase", self._last_phase)
+            attributes["jobrunner.phase"] = self._last_phase
         if outcome != "succeeded":
-            kind = error.type if error is not None else f"jobrunner.{outcome}"
-            span.set_attribute("error.type", kind)
+            attributes["error.type"] = error.type if error is not None else f"jobrunner.{outcome}"
             message = f"{error.type}: {error.message}" if error is not None else outcome
             span.set_status(Status(StatusCode.ERROR, message))
+        span.set_attributes(attributes)
         otel_context.detach(self._token)
         span.end()
