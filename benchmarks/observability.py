@@ -9,7 +9,10 @@ network. The variants alternate run by run so that drift on the machine hits the
 Rows: ``AsyncJobRunner.run()`` 8-way (four spans per execution: process, load, execute,
 record), the async worker end to end (submit N, then ``work(until_idle=True)``: a producer
 span per submit too) and the sync worker (``JobRunner``, 8 slots). The note under the
-table gives each variant's cost in throughput and in client CPU per execution.
+table gives each variant's cost in throughput and in client CPU per execution (ms and %
+of the run without instruments): on a shared machine the CPU is the steadier of the two.
+For a count that does not depend on the machine's load at all, see
+``python -m benchmarks.instructions`` (callgrind).
 """
 
 from __future__ import annotations
@@ -97,18 +100,25 @@ def _pair(bench: Bench, system: str, variant: str, n: int, fn: Callable[[str], S
         m = bench._record(system, f"{variant}, {v}", n, CONCURRENCY, samples[v], None, "executions")
         rates[v] = m.median_rate or 0.0
     cpu = {v: statistics.median(s.extra["cpu_ms"] for s in samples[v]) for v in VARIANTS}
-    costs = ", ".join(
-        f"{v} {_cost(rates['off'], rates[v]):+.1f} % ({cpu[v] - cpu['off']:+.2f} ms CPU)"
+    costs = "; ".join(
+        f"{v}: throughput {_cost(rates['off'], rates[v]):+.1f} %, "
+        f"CPU {cpu[v] - cpu['off']:+.2f} ms ({_growth(cpu['off'], cpu[v]):+.1f} %)"
         for v in VARIANTS[1:]
     )
     bench.note(
-        f"{system} {variant}: {rates['off']:.0f}/s off ({cpu['off']:.2f} ms CPU/exec); "
-        f"throughput cost (target < 10 %): {costs}"
+        f"{system} {variant}: {rates['off']:.0f}/s and {cpu['off']:.2f} ms client CPU per "
+        f"execution off; cost (target < 10 %): {costs}"
     )
 
 
 def _cost(off: float, on: float) -> float:
+    """Throughput lost, in % of the throughput without instruments."""
     return (off - on) / off * 100 if off else 0.0
+
+
+def _growth(off: float, on: float) -> float:
+    """Client CPU per execution added, in % of the CPU without instruments."""
+    return (on - off) / off * 100 if off else 0.0
 
 
 def _cpu_sample(seconds: float, cpu: float, n: int) -> Sample:

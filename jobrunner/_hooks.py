@@ -40,17 +40,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger("jobrunner.hooks")
 
 #: What the watch does with each kind of request: a phase name starts and ends that
-#: phase; the others belong to an attempt too (the first request of any of them opens
-#: it), except a Fetch, which is only read mid-attempt after the lease was lost. Claim
-#: and Sleep (not here) come between attempts.
+#: phase; a checkpoint and an end belong to an attempt too (the first request of any of
+#: them opens it); a fetch mid-attempt means the lease was lost. Claim and Sleep (not
+#: here) come between attempts: the watch is not called for them.
+_CHECKPOINT = "checkpoint"
+_END = "end"
 _FETCH = "fetch"
-_OTHER = "other"
 _KINDS: dict[type[Any], str] = {
     Load: "load",
     Execute: "execute",
     Record: "record",
-    Checkpoint: _OTHER,
-    End: _OTHER,
+    Checkpoint: _CHECKPOINT,
+    End: _END,
     Fetch: _FETCH,
 }
 #: Where the phases time themselves (``AttemptState.timings``).
@@ -218,11 +219,8 @@ class Watch:
         self._reversed: list[AttemptObserver] = []
         self._started = 0.0
 
-    def before(self, request: Request) -> None:
-        """A request is about to be performed."""
-        kind = _KINDS.get(type(request))
-        if kind is None:  # Claim, Sleep: between attempts
-            return
+    def before(self, request: Request, kind: str) -> None:
+        """A request of ``kind`` (see ``_KINDS``) is about to be performed."""
         if self._observers is None:
             if kind is _FETCH:  # reading the row back between attempts
                 return
@@ -230,7 +228,7 @@ class Watch:
         if kind is _FETCH:
             # Mid-attempt, the flow reads the row back only after losing its lease.
             self._lost()
-        elif kind is not _OTHER:
+        elif kind is not _CHECKPOINT and kind is not _END:
             self._started = time.perf_counter()
             for observer in self._observers or ():
                 try:
@@ -238,12 +236,12 @@ class Watch:
                 except Exception as exc:
                     _failed("phase_started", observer, exc)
 
-    def after(self, request: Request, answer: Any, error: BaseException | None) -> None:
-        """A request was performed: ``answer`` is its result, ``error`` what it raised."""
-        kind = _KINDS.get(type(request))
-        if kind is None or kind is _FETCH or self._observers is None:
+    def after(self, request: Request, kind: str, answer: Any, error: BaseException | None) -> None:
+        """A phase or an end (``kind``) was performed: ``answer`` is its result, ``error``
+        what it raised."""
+        if self._observers is None:
             return
-        if kind is _OTHER:
+        if kind is _END:
             if error is None and isinstance(request, End):
                 self._ended(request, answer)
             return
@@ -335,7 +333,13 @@ def _outcome(end: End, execution: Execution) -> str:
 
 
 def observed(flow: Flow, watch: Watch) -> Flow:
-    """``flow``, with ``watch`` told about every request, answer and error."""
+    """``flow``, with ``watch`` told about every request, answer and error.
+
+    The watch is called only where it may have something to do: before any request of
+    an attempt, after a phase or an end (a checkpoint's answer, a fetch's, tell it
+    nothing).
+    """
+    kinds = _KINDS
     answer: Any = None
     error: BaseException | None = None
     while True:
@@ -348,9 +352,12 @@ def observed(flow: Flow, watch: Watch) -> Flow:
         except BaseException as exc:
             watch.close(exc)
             raise
-        watch.before(request)
+        kind = kinds.get(type(request))
+        if kind is not None:
+            watch.before(request, kind)
         try:
             answer, error = (yield request), None
         except BaseException as exc:
             answer, error = None, exc
-        watch.after(request, answer, error)
+        if kind is not None and kind is not _CHECKPOINT and kind is not _FETCH:
+            watch.after(request, kind, answer, error)
