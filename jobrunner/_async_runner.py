@@ -608,10 +608,12 @@ class AsyncJobRunner(_RunnerBase):
         if isinstance(request, Execute):
             return await phases.execute(state, self._job(state, running), request.loaded, running)
         if isinstance(request, Checkpoint):
-            return await phases.checkpoint(state, request.result)
+            return await phases.checkpoint(state, request.result, finish=request.finish)
         if isinstance(request, Load):
             return await phases.load(state, self._job(state, running), running)
         if isinstance(request, Record):
+            if request.finished is not None:  # the checkpoint ended the attempt
+                return request.finished
             return await phases.record(state, self._job(state, running))
         if isinstance(request, End):
             return await phases.end(state, request)

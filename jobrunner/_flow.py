@@ -66,14 +66,23 @@ class Execute:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """Store ``result`` (JSON); answer ``cancel_requested`` (LeaseLost if refused)."""
+    """Store ``result`` (JSON); answer ``cancel_requested`` (LeaseLost if refused).
+
+    ``finish``: the attempt has nothing left to run (no record phase, execute ended
+    cleanly), so the same write may end it succeeded, unless a cancel is requested;
+    the answer is then the succeeded execution.
+    """
 
     result: Any
+    finish: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Record:
-    """Run the record phase and finish; answer the succeeded execution."""
+    """Run the record phase and finish; answer the succeeded execution (``finished``,
+    when the checkpoint ended the attempt already)."""
+
+    finished: Execution | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,12 +178,16 @@ def _attempt(state: AttemptState, running: Running) -> Flow:
         loaded = yield Load()
         running.check()
         executed: Executed = yield Execute(loaded)
-        cancel = False
+        answer: bool | Execution = False
         if executed.returned:
-            cancel = yield Checkpoint(executed.result)
+            last = executed.error is None and not state.job_cls.spec.runs("record")
+            answer = yield Checkpoint(executed.result, finish=last)
+        if isinstance(answer, Execution):  # written succeeded with its result: done
+            finished: Execution = yield Record(answer)
+            return finished
         if executed.error is not None:
             raise executed.error
-        if cancel:
+        if answer:
             running.signal("cancel")
         running.check()
     execution: Execution = yield Record()

@@ -126,7 +126,10 @@ TRANSITIONS: tuple[Transition, ...] = (
         sources=(RUNNING,),
         event=Event.FINISH,
         target=SUCCEEDED,
-        guard="holds the lease; record's writes commit in the same transaction",
+        guard=(
+            "holds the lease; record's writes commit in the same transaction (a job "
+            "without record: the checkpoint's own write, unless a cancel is requested)"
+        ),
         fenced=True,
     ),
     Transition(

@@ -148,7 +148,27 @@ def _execute_started(state: AttemptState, cancel: bool | None) -> None:
         raise _cancelled(state)
 
 
-def _after_checkpoint(state: AttemptState, cancel: bool | None) -> bool:
+def _checkpoint(conn: Conn, state: AttemptState, result: Any, finish: bool) -> bool | Execution:
+    """The checkpoint write: ``cancel_requested``, or the succeeded execution when
+    ``finish`` let it end the attempt (one write instead of a checkpoint and a finish).
+
+    A finishing write matches only while no cancel is requested; when it does not match
+    (a cancel, or a lost lease) the plain checkpoint follows, and says which it was.
+    """
+    values = state.checkpoint_values(result)
+    if finish:
+        phase, state.phase = state.phase, "record"  # as the row will say: nothing left
+        execution = None
+        try:
+            done = {**values, **state.success_values()}
+            ledger = state.ledger_row(SUCCEEDED)
+            execution = q.end_attempt(conn, state.lease, "done", done, ledger)
+        finally:
+            if execution is None:  # not written: the attempt is still after execute
+                state.phase = phase
+        if execution is not None:
+            return execution
+    cancel = q.checkpoint(conn, state.lease, values)
     if cancel is None:
         raise lease_lost(state, "checkpoint")
     return cancel
@@ -287,11 +307,11 @@ class SyncPhases:
                 raise overran from exc
             return Executed(dump(result), overran)
 
-    def checkpoint(self, state: AttemptState, result: Any) -> bool:
-        """Store the result so a failed record never repeats execute."""
+    def checkpoint(self, state: AttemptState, result: Any, *, finish: bool = False) -> Any:
+        """Store the result so a failed record never repeats execute (``finish``: end
+        the attempt succeeded in the same write, when no cancel is requested)."""
         with self.write() as conn:
-            cancel = q.checkpoint(conn, state.lease, state.checkpoint_values(result))
-        return _after_checkpoint(state, cancel)
+            return _checkpoint(conn, state, result, finish)
 
     def record(self, state: AttemptState, job: PhasedJob) -> Execution:
         """RECORD: ``job.record`` plus the ``succeeded`` status, one transaction."""
@@ -546,11 +566,10 @@ class AsyncPhases:
             raise stop from error
         return Executed(state.job_cls.dump_result(result), stop)
 
-    async def checkpoint(self, state: AttemptState, result: Any) -> bool:
-        """Store the result so a failed record never repeats execute."""
-        values = state.checkpoint_values(result)
-        cancel = await self.write(q.checkpoint, state.lease, values)
-        return _after_checkpoint(state, cancel)
+    async def checkpoint(self, state: AttemptState, result: Any, *, finish: bool = False) -> Any:
+        """Store the result so a failed record never repeats execute (see
+        :meth:`SyncPhases.checkpoint`)."""
+        return await self.write(_checkpoint, state, result, finish)
 
     async def record(self, state: AttemptState, job: PhasedJob) -> Execution:
         """RECORD; a sync ``record`` runs in a worker thread on the sync engine."""

@@ -598,14 +598,14 @@ def heartbeat(
 
 
 #: How each kind of ending writes the fixed columns; the rest come from the attempt.
-Ending = Literal["finish", "retry", "final", "interrupted"]
+Ending = Literal["finish", "done", "retry", "final", "interrupted"]
 
 
 def _ending_set(kind: Ending) -> dict[str, Any]:
     cancel = E.cancel_requested == true()
     unless_cancelled = case((cancel, CANCELLED), else_=bindparam("v_status"))
     ended = {"lease_expires_at": None, "heartbeat_at": db_now()}
-    if kind == "finish":
+    if kind in ("finish", "done"):
         return {**ended, "status": target_of(Event.FINISH), "finished_at": db_now()}
     if kind == "final":
         return {**ended, "status": unless_cancelled, "finished_at": db_now()}
@@ -627,11 +627,14 @@ def _end_statement(kind: Ending, how: str, keys: tuple[str, ...], with_ledger: b
     ``WITH ended AS (UPDATE ... RETURNING *), ledger AS (INSERT ... SELECT FROM ended)
     SELECT * FROM ended``: the ledger row exists only if the update matched.
     """
-    event = Event.FINISH if kind == "finish" else Event.FAIL
+    event = Event.FINISH if kind in ("finish", "done") else Event.FAIL
     values = {k: bindparam(f"v_{k}", type_=executions.c[k].type) for k in keys}
+    owned = _owned_where(event, how)
+    if kind == "done":  # the checkpoint's write finishing too: not past a cancel request
+        owned = and_(owned, E.cancel_requested == false())
     update = (
         sa_update(executions)
-        .where(_owned_where(event, how))
+        .where(owned)
         .values({**_ending_set(kind), **values})
         .returning(*executions.c)
     )
@@ -659,7 +662,8 @@ def end_attempt(
 ) -> Execution | None:
     """End an attempt: update the execution and append its ledger row, atomically.
 
-    ``kind`` is ``finish`` (succeeded), ``retry`` (retrying, due in ``wait_s``),
+    ``kind`` is ``finish`` (succeeded), ``done`` (succeeded, written by the checkpoint
+    of a job without record, so only while no cancel is requested), ``retry`` (retrying, due in ``wait_s``),
     ``final`` (``status``: failed or timed_out) or ``interrupted`` (retrying, due now,
     not counted). Whatever the kind, a failure of an execution whose cancel was
     requested ends ``cancelled``: decided by the database, so a cancel that arrives

@@ -600,10 +600,12 @@ class JobRunner(_RunnerBase):
         if isinstance(request, Execute):
             return phases.execute(state, self._job(state, running), request.loaded, running)
         if isinstance(request, Checkpoint):
-            return phases.checkpoint(state, request.result)
+            return phases.checkpoint(state, request.result, finish=request.finish)
         if isinstance(request, Load):
             return phases.load(state, self._job(state, running))
         if isinstance(request, Record):
+            if request.finished is not None:  # the checkpoint ended the attempt
+                return request.finished
             return phases.record(state, self._job(state, running))
         if isinstance(request, End):
             return phases.end(state, request)

@@ -189,6 +189,34 @@ class LifecycleModel(RuleBasedStateMachine):
 
     @precondition(lambda self: self.held)
     @rule(index=st.integers(0, 1000))
+    def execute_and_finish(self, index: int) -> None:
+        """A job without record: one write stores execute's result and ends the attempt
+        succeeded; with a cancel requested (or the lease gone) it does not match, and
+        the plain checkpoint follows, as ``_phases._checkpoint`` does."""
+        h = self._pick(self.held, index)
+        if h.checkpointed:
+            return
+        if h.execution_id in self.checkpointed:
+            self.executed_after_checkpoint.append(h.execution_id)
+        h.executed = True
+        values = {"result": 1, "checkpointed": True, "phase": "record"}
+        with self.engine.begin() as conn:
+            done = q.end_attempt(conn, self._lease(h), "done", values,
+                                 self._ledger(h, ExecutionStatus.SUCCEEDED))
+            answer = None if done is not None else q.checkpoint(conn, self._lease(h), values)
+        if done is not None:
+            assert done.status is ExecutionStatus.SUCCEEDED and not done.cancel_requested
+            self.checkpointed.add(h.execution_id)
+            self._drop(h)
+        elif answer is None:
+            self._drop(h)
+        else:
+            assert answer, "the finishing write refused a held, uncancelled execution"
+            h.checkpointed = True
+            self.checkpointed.add(h.execution_id)
+
+    @precondition(lambda self: self.held)
+    @rule(index=st.integers(0, 1000))
     def finish(self, index: int) -> None:
         h = self._pick(self.held, index)
         if not h.checkpointed:

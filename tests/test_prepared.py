@@ -139,3 +139,30 @@ def test_an_unreachable_server_at_checkout_is_a_core_error(postgres: Backend) ->
             _prepared.Checkout(engine)
     finally:
         engine.dispose()
+
+
+def test_a_job_without_record_ends_in_its_checkpoints_own_write(backend: Backend) -> None:
+    """Inline, a job with only execute makes two writes: the row's insert, then one that
+    stores the result and ends the attempt succeeded (counted as pool checkouts: each
+    framework write takes a connection of its own)."""
+    with JobRunner(backend.url, registry=Registry([Returns])) as runner:
+        pools = {runner.engine.pool}
+        if runner._autocommit_engine is not None:
+            pools.add(runner._autocommit_engine.pool)
+        runner.run(Returns, {"k": "v"})  # connections opened, statements prepared
+        checkouts: list[object] = []
+
+        def count(*_: object) -> None:
+            checkouts.append(None)
+
+        for pool in pools:
+            sa.event.listen(pool, "checkout", count)
+        try:
+            execution = runner.run(Returns, {"k": "v"})
+        finally:
+            for pool in pools:
+                sa.event.remove(pool, "checkout", count)
+        assert len(checkouts) == 2
+        assert execution.succeeded and execution.checkpointed and execution.result == RESULT
+        [attempt] = runner.attempts(execution.id)
+        assert attempt.status.value == "succeeded"
