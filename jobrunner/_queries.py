@@ -663,12 +663,13 @@ def end_attempt(
     """End an attempt: update the execution and append its ledger row, atomically.
 
     ``kind`` is ``finish`` (succeeded), ``done`` (succeeded, written by the checkpoint
-    of a job without record, so only while no cancel is requested), ``retry`` (retrying, due in ``wait_s``),
-    ``final`` (``status``: failed or timed_out) or ``interrupted`` (retrying, due now,
-    not counted). Whatever the kind, a failure of an execution whose cancel was
-    requested ends ``cancelled``: decided by the database, so a cancel that arrives
-    after the runner's own decision still wins. Returns the execution, or None when the
-    lease was lost (nothing written). ``insert_if_missing`` creates the row instead when
+    of a job without record, so only while no cancel is requested), ``retry``
+    (retrying, due in ``wait_s``), ``final`` (``status``: failed or timed_out) or
+    ``interrupted`` (retrying, due now, not counted). Whatever the kind, a failure of
+    an execution whose cancel was requested ends ``cancelled``: decided by the
+    database, so a cancel that arrives after the runner's own decision still wins.
+    Returns the execution, or None when the lease was lost (nothing written).
+    ``insert_if_missing`` creates the row instead when
     an inline run's first insert rolled back.
     """
     params = {f"v_{k}": v for k, v in values.items()}
