@@ -41,12 +41,11 @@ from sqlalchemy import update as sa_update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from . import _prepared
 from ._clock import after, db_now, seconds
 from ._exceptions import IdempotencyConflict
 from ._lifecycle import Event, sources, target, target_of
 from ._prepared import Conn
-from ._prepared import execute as run_prepared
-from ._prepared import first as first_prepared
 from ._records import Attempt, AuditEntry, Execution, JobStats, QueueState
 from ._schema import ExecutionStatus, attempts, audit, executions, metadata, queues
 
@@ -135,7 +134,7 @@ def insert_execution(conn: Conn, values: Mapping[str, Any]) -> None:
     params, relative = _clock_params(values)
     notify = params["status"] == target(Event.SUBMIT)
     stmt = _insert_statement(conn.dialect.name, _columns(params), relative, notify, False)
-    run_prepared(conn, stmt, params)
+    _prepared.execute(conn, stmt, params)
 
 
 def insert_many(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -551,7 +550,7 @@ _CHECKPOINT = _renewing(Event.CHECKPOINT)
 
 
 def _renew(conn: Conn, stmts: Any, lease: Lease, values: Mapping[str, Any]) -> bool | None:
-    row = first_prepared(conn, stmts[lease.how], _lease_params(lease, values))
+    row = _prepared.first(conn, stmts[lease.how], _lease_params(lease, values))
     return None if row is None else bool(row["cancel_requested"])
 
 
@@ -677,14 +676,14 @@ def end_attempt(
     ledger = {f"a_{c.name}": attempt_row.get(c.name) for c in attempts.c if c.name != "id"}
     pg = conn.dialect.name == "postgresql" and insert_if_missing is None
     stmt = _end_statement(kind, lease.how, tuple(values), pg)
-    row = first_prepared(conn, stmt, _lease_params(lease, {**params, **ledger}))
+    row = _prepared.first(conn, stmt, _lease_params(lease, {**params, **ledger}))
     if row is None and insert_if_missing is not None:
         assert isinstance(conn, Connection)  # a transaction: see the runners' end()
         row = _insert_ended(conn, lease, insert_if_missing)
     if row is None:
         return None
     if not pg:
-        run_prepared(conn, _LEDGER, {k[2:]: v for k, v in ledger.items()})
+        _prepared.execute(conn, _LEDGER, {k[2:]: v for k, v in ledger.items()})
     return Execution.from_row(row)
 
 
