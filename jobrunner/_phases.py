@@ -157,10 +157,10 @@ def _checkpoint(conn: Conn, state: AttemptState, result: Any, finish: bool) -> b
     """
     values = state.checkpoint_values(result)
     if finish:
+        done = {**values, **state.success_values()}  # execute's clock stopped already
         phase, state.phase = state.phase, "record"  # as the row will say: nothing left
         execution = None
         try:
-            done = {**values, **state.success_values()}
             ledger = state.ledger_row(SUCCEEDED)
             execution = q.end_attempt(conn, state.lease, "done", done, ledger)
         finally:

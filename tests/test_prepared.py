@@ -3,6 +3,7 @@ they store and return exactly what Core would, and fail the way Core would."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -166,3 +167,22 @@ def test_a_job_without_record_ends_in_its_checkpoints_own_write(backend: Backend
         assert execution.succeeded and execution.checkpointed and execution.result == RESULT
         [attempt] = runner.attempts(execution.id)
         assert attempt.status.value == "succeeded"
+
+
+def test_the_finishing_checkpoint_times_execute_and_no_record_phase(backend: Backend) -> None:
+    """The row and the ledger of a job without record say how long execute took, and
+    carry no record time: no record phase ran."""
+
+    class Sleeps(PhasedJob, register=False):
+        name = "prepared.sleeps"
+
+        def execute(self, loaded: Any) -> None:
+            threading.Event().wait(0.05)  # a measurable execute
+
+    with JobRunner(backend.url, registry=Registry([Sleeps])) as runner:
+        execution = runner.run(Sleeps)
+        assert execution.succeeded and execution.phase == "record"
+        assert execution.execute_ms is not None and execution.execute_ms >= 50
+        assert execution.record_ms is None
+        [attempt] = runner.attempts(execution.id)
+        assert attempt.execute_ms == execution.execute_ms and attempt.record_ms is None
