@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -90,6 +90,51 @@ async def run_many_sample(one: Callable[[], Awaitable[Any]], n: int, concurrency
 def cpu_ms(since: float, n: int) -> float:
     """Milliseconds of this process's CPU (all threads) per execution since ``since``."""
     return 1000 * (time.process_time() - since) / n
+
+
+class SyncNoopPhases(PhasedJob, register=False):
+    """Sync load/execute/record that do nothing (JobRunner's phase sessions)."""
+
+    name = "bench.sync_noop_phases"
+
+    def load(self, session: Any, args: Any) -> None:
+        return None
+
+    def execute(self, loaded: Any) -> None:
+        return None
+
+    def record(self, session: Any, result: Any) -> None:
+        return None
+
+
+def instruments(ratio: float | None, *, phase_spans: bool = True) -> tuple[list[Any], Any]:
+    """Prometheus metrics, plus OpenTelemetry tracing ``ratio`` of the executions (None:
+    metrics only) into an exporter that drops the spans; and the tracer provider to shut
+    down after the run (or None)."""
+    from prometheus_client import CollectorRegistry
+
+    from jobrunner.contrib.prometheus import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    if ratio is None:
+        return [metrics], None
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from jobrunner.contrib.otel import OpenTelemetry
+
+    class Discard(SpanExporter):
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
+    return [OpenTelemetry(provider, phase_spans=phase_spans), metrics], provider
 
 
 class StatementCounter:

@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,51 +80,19 @@ def _instruments(variant: str) -> tuple[list[Any], Any]:
     ratio, phase_spans = VARIANTS[variant]
     if variant == "off":
         return [], None
-    from prometheus_client import CollectorRegistry
+    from ._jobs import instruments
 
-    from jobrunner.contrib.prometheus import Metrics
-
-    metrics = Metrics(CollectorRegistry())
-    if ratio is None:
-        return [metrics], None
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        SpanExporter,
-        SpanExportResult,
-    )
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    from jobrunner.contrib.otel import OpenTelemetry
-
-    class Discard(SpanExporter):
-        def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
-    provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
-    return [OpenTelemetry(provider, phase_spans=phase_spans), metrics], provider
+    return instruments(ratio, phase_spans=phase_spans)
 
 
 def _child(row: str, variant: str, n: int) -> None:
     import sqlalchemy as sa
 
-    from jobrunner import AsyncJobRunner, JobRunner, PhasedJob, Registry
+    from jobrunner import AsyncJobRunner, JobRunner, Registry
     from jobrunner._schema import metadata
 
-    from ._jobs import AsyncNoop, AsyncNoopPhases, SyncNoop
+    from ._jobs import AsyncNoop, AsyncNoopPhases, SyncNoop, SyncNoopPhases
 
-    class SyncNoopPhases(PhasedJob, register=False):
-        name = "bench.sync_noop_phases"
-
-        def load(self, session: Any, args: Any) -> None:
-            return None
-
-        def execute(self, loaded: Any) -> None:
-            return None
-
-        def record(self, session: Any, result: Any) -> None:
-            return None
 
     counter = ctypes.CDLL(str(_helper()))
     runner_kind, job, mode = ROWS[row]

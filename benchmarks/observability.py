@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,7 +28,15 @@ import sqlalchemy as sa
 from jobrunner import AsyncJobRunner, JobRunner, Registry
 
 from ._harness import Bench, Sample
-from ._jobs import AsyncNoopPhases, SyncNoop, create_schema, run_many, run_many_sample, truncate
+from ._jobs import (
+    AsyncNoopPhases,
+    SyncNoop,
+    create_schema,
+    instruments,
+    run_many,
+    run_many_sample,
+    truncate,
+)
 
 CONCURRENCY = 8
 #: Instruments off; metrics only; every execution traced plus metrics; 1 in 10 traced.
@@ -39,31 +47,9 @@ def _instruments(variant: str) -> tuple[list[Any], Any]:
     """The instruments of a run, and the provider to shut down after it (or None)."""
     if variant == "off":
         return [], None
-    from prometheus_client import CollectorRegistry
-
-    from jobrunner.contrib.prometheus import Metrics
-
-    metrics = Metrics(CollectorRegistry())
     if variant == "metrics":
-        return [metrics], None
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        SpanExporter,
-        SpanExportResult,
-    )
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-
-    from jobrunner.contrib.otel import OpenTelemetry
-
-    class Discard(SpanExporter):
-        def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
-
-    ratio = 0.1 if variant.startswith("traces 10%") else 1.0
-    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
-    provider.add_span_processor(BatchSpanProcessor(Discard(), max_queue_size=100_000))
-    return [OpenTelemetry(provider), metrics], provider
+        return instruments(None)
+    return instruments(0.1 if variant.startswith("traces 10%") else 1.0)
 
 
 def run(bench: Bench) -> None:

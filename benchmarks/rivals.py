@@ -47,11 +47,19 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from jobrunner import AsyncJobRunner, JobRunner, PhasedJob, Registry
+from jobrunner import AsyncJobRunner, JobRunner, Registry
 
 from ._floor import run_floor
 from ._harness import ROOT, Bench, Sample, console, load_average
-from ._jobs import AsyncNoop, AsyncNoopPhases, SyncNoop, create_schema, run_many, truncate
+from ._jobs import (
+    AsyncNoop,
+    AsyncNoopPhases,
+    SyncNoop,
+    SyncNoopPhases,
+    create_schema,
+    run_many,
+    truncate,
+)
 from ._rival_child import server_counters
 
 CONCURRENCY = 8
@@ -67,21 +75,6 @@ EXTRAS = {
     "wal_syncs": "WAL syncs/job",
     "wal_records": "WAL records/job",
 }
-
-
-class SyncNoopPhases(PhasedJob, register=False):
-    """Sync load/execute/record that do nothing (JobRunner's phase sessions)."""
-
-    name = "bench.sync_noop_phases"
-
-    def load(self, session: Any, args: Any) -> None:
-        return None
-
-    def execute(self, loaded: Any) -> None:
-        return None
-
-    def record(self, session: Any, result: Any) -> None:
-        return None
 
 
 @dataclass
