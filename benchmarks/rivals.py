@@ -343,15 +343,27 @@ def oban_python(bench: Bench) -> tuple[str | None, str]:
 
 
 def _python312() -> str | None:
-    for name in ("python3.13", "python3.12"):
-        found = shutil.which(name)
-        if found:
-            return found
+    """A Python >= 3.12 that runs: on the PATH, else under pyenv's versions (a pyenv
+    shim on the PATH may name a version that is not selected, and exit 127)."""
+    candidates = [shutil.which(name) for name in ("python3.13", "python3.12")]
     for pattern in ("3.13*", "3.12*"):
-        for candidate in sorted(Path("/root/.pyenv/versions").glob(pattern)):
-            if (candidate / "bin" / "python").exists():
-                return str(candidate / "bin" / "python")
+        candidates += [
+            str(version / "bin" / "python")
+            for version in sorted(Path("/root/.pyenv/versions").glob(pattern))
+        ]
+    for candidate in candidates:
+        if candidate is not None and _runs_312(candidate):
+            return candidate
     return None
+
+
+def _runs_312(python: str) -> bool:
+    check = "import sys; sys.exit(sys.version_info < (3, 12))"
+    try:
+        done = subprocess.run([python, "-c", check], capture_output=True, timeout=30)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return done.returncode == 0
 
 
 def _importable(package: str) -> bool:
