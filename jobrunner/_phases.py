@@ -189,6 +189,10 @@ class SyncPhases:
         self.phase_sessions = sessionmaker(engine, class_=PhaseSession, expire_on_commit=False)
         self.sessions = sessionmaker(engine, expire_on_commit=False)
         self._autocommit = autocommit or _autocommit(engine)
+        #: A dedicated autocommit engine: its connections are in autocommit from the
+        #: start, so a bare checkout may run a write (a view of the caller's engine sets
+        #: its isolation level only through a Connection).
+        self._bare = autocommit is not None
         self.pool = pool
 
     @contextlib.contextmanager
@@ -219,8 +223,11 @@ class SyncPhases:
         a bare pooled connection in autocommit (no ``Connection``, no BEGIN/COMMIT),
         elsewhere a transaction of its own."""
         with framework_sql(self.url):
-            if self._autocommit is not None:
-                with Checkout(self._autocommit) as conn:
+            if self._bare and self._autocommit is not None:
+                with Checkout(self._autocommit) as bare:
+                    yield bare
+            elif self._autocommit is not None:
+                with self._autocommit.connect() as conn:
                     yield conn
             else:
                 with self.engine.begin() as conn:
@@ -360,6 +367,7 @@ class AsyncPhases:
         )
         self.sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._autocommit = autocommit or _autocommit(engine)
+        self._bare = autocommit is not None  # see SyncPhases
         self._sync_phases = sync_phases
         self.pool = pool
         self.health: LoopHealth | None = None
@@ -407,8 +415,11 @@ class AsyncPhases:
             return result
 
     def _write_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._bare and self._autocommit is not None:
+            with Checkout(self._autocommit.sync_engine) as bare:
+                return fn(bare, *args)
         if self._autocommit is not None:
-            with Checkout(self._autocommit.sync_engine) as conn:
+            with self._autocommit.sync_engine.connect() as conn:
                 return fn(conn, *args)
         with self.engine.sync_engine.begin() as tx:
             return fn(tx, *args)

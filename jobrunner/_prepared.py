@@ -46,7 +46,8 @@ class Conn(Protocol):
 
 
 class Checkout:
-    """One pooled connection, checked out for statements that run alone (autocommit)."""
+    """One pooled connection of an autocommit engine (every connection of it is in
+    autocommit from its creation), checked out for statements that run alone."""
 
     __slots__ = ("connection", "dialect")
 
@@ -63,8 +64,14 @@ class Checkout:
     def __enter__(self) -> Checkout:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.connection.close()  # back to the pool (invalidated ones are discarded)
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None and self.connection.is_valid:
+                # A no-op on an autocommit connection (nothing began); should one that
+                # is not reach here, its write is committed, not rolled back at checkin.
+                self.connection.commit()
+        finally:
+            self.connection.close()  # back to the pool (invalidated ones are discarded)
 
 
 _Processor = Callable[[Any], Any] | None

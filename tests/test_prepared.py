@@ -186,3 +186,51 @@ def test_the_finishing_checkpoint_times_execute_and_no_record_phase(backend: Bac
         assert execution.record_ms is None
         [attempt] = runner.attempts(execution.id)
         assert attempt.execute_ms == execution.execute_ms and attempt.record_ms is None
+
+
+def _stored(url: str, execution_id: uuid.UUID) -> str | None:
+    """The execution's status as another connection sees it (committed, or nothing)."""
+    engine = _engine(Backend("postgres", url))
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.select(executions.c.status).where(executions.c.id == execution_id)
+            ).scalar_one_or_none()
+    finally:
+        engine.dispose()
+
+
+def test_writes_through_your_own_sync_engine_are_committed(postgres: Backend) -> None:
+    """With ``engine=`` (no dedicated autocommit engine) every write still commits: a bare
+    checkout of a non-autocommit connection would have been rolled back at checkin."""
+    url = sa.make_url(postgres.url).set(drivername="postgresql+psycopg")
+    engine = sa.create_engine(url)
+    try:
+        with JobRunner(engine=engine, registry=Registry([Returns])) as runner:
+            assert runner._autocommit_engine is None
+            execution = runner.run(Returns, {"k": "v"})
+            assert _stored(postgres.url, execution.id) == "succeeded"
+            submitted = runner.submit(Returns, {"k": "v"})
+            assert _stored(postgres.url, submitted) == "pending"
+            [ran] = runner.run_due()
+            assert _stored(postgres.url, ran.id) == "succeeded"
+    finally:
+        engine.dispose()
+
+
+async def test_writes_through_your_own_async_engine_are_committed(postgres: Backend) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = sa.make_url(postgres.url).set(drivername="postgresql+asyncpg")
+    engine = create_async_engine(url)
+    try:
+        async with AsyncJobRunner(engine=engine, registry=Registry([ReturnsAsync])) as runner:
+            assert runner._autocommit_engine is None
+            execution = await runner.run(ReturnsAsync, {"k": "v"})
+            assert _stored(postgres.url, execution.id) == "succeeded"
+            submitted = await runner.submit(ReturnsAsync, {"k": "v"})
+            assert _stored(postgres.url, submitted) == "pending"
+            [ran] = await runner.run_due()
+            assert _stored(postgres.url, ran.id) == "succeeded"
+    finally:
+        await engine.dispose()
