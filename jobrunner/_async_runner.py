@@ -231,7 +231,7 @@ class AsyncJobRunner(_RunnerBase):
             execution_id: uuid.UUID = await _in_callers_transaction(session, self.engine, write)
             on_commit(_sync_of(session), self._submitted)
             return execution_id
-        if row.get("idempotency_key") is None:  # one INSERT: on a bare connection
+        if row.get("idempotency_key") is None:  # one INSERT, atomic alone: see write()
             await self._phases.write(q.insert_execution, row)
             execution_id = row["id"]
         else:

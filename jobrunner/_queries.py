@@ -668,8 +668,8 @@ def end_attempt(
     an execution whose cancel was requested ends ``cancelled``: decided by the
     database, so a cancel that arrives after the runner's own decision still wins.
     Returns the execution, or None when the lease was lost (nothing written).
-    ``insert_if_missing`` creates the row instead when
-    an inline run's first insert rolled back.
+    ``insert_if_missing`` creates the row instead when an inline run's first insert
+    rolled back.
     """
     params = {f"v_{k}": v for k, v in values.items()}
     params.update(v_status=status or RUNNING, wait_s=float(wait_s))

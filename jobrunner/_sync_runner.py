@@ -198,7 +198,7 @@ class JobRunner(_RunnerBase):
             execution_id = q.submit_row(conn, row, unique_for=window)
             on_commit(session, self._submitted)
             return execution_id
-        if row.get("idempotency_key") is None:  # one INSERT: on a bare connection
+        if row.get("idempotency_key") is None:  # one INSERT, atomic alone: see write()
             with self._phases.write() as bare:
                 q.insert_execution(bare, row)
             execution_id = row["id"]
