@@ -78,6 +78,11 @@ def test_two_workers_drain_2000_executions_and_survive_a_kill_9(
         wait_for(lambda: _count(runner, "select count(*) from worker_events "
                                           "where event = 'recorded'") > 300,
                   "both workers to be well under way")
+        # Kill it while it holds executions (it almost always does: its slots refill as
+        # they free), so that usually there is something to reap.
+        holding = ("select count(*) from jobrunner_executions where status = 'running' "
+                   f"and worker like '%:{doomed.process.pid}:%'")
+        wait_for(lambda: _count(runner, holding) > 0, "the doomed worker to hold executions")
         doomed.process.kill()  # SIGKILL: no goodbye, its running executions keep their leases
         doomed.process.wait(30)
         wait_for(lambda: _count(runner, "select count(*) from jobrunner_executions "
@@ -99,7 +104,8 @@ def test_two_workers_drain_2000_executions_and_survive_a_kill_9(
                                "where status = 'abandoned'")
     assert again <= abandoned <= 4
     assert len(_pids(runner)) == 2  # both workers really worked
-    assert "lost its lease" in survivor.output()  # it reaped what the dead one held
+    if abandoned:  # it reaped what the dead one held (it may, rarely, have held nothing)
+        assert "lost its lease" in survivor.output()
     InvariantChecker(postgres.url).assert_ok()
 
 
