@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -36,7 +36,10 @@ class ReturnsAsync(PhasedJob, register=False):
         return RESULT
 
 
-def _check(execution: Any, stored: Any) -> None:
+def _check(execution: Any, stored: Any, before: datetime, after: datetime) -> None:
+    """``before``/``after``: this process's UTC clock around the run (the database runs
+    on the same host's clock): every moment lies between them, so none was shifted by a
+    time zone on its way through the driver."""
     assert execution == stored  # every column, as Core reads it back
     assert isinstance(execution.id, uuid.UUID)
     assert execution.result == RESULT
@@ -44,13 +47,15 @@ def _check(execution: Any, stored: Any) -> None:
     for moment in (execution.created_at, execution.started_at, execution.finished_at):
         assert moment is not None and moment.tzinfo is not None
         assert moment.utcoffset() == UTC.utcoffset(None)
-        assert abs((datetime.now(UTC) - moment).total_seconds()) < 3600  # not shifted by hours
+        # SQLite's clock has milliseconds: a moment may round down below ``before``.
+        assert before - timedelta(milliseconds=1) <= moment <= after
 
 
 def test_the_sync_runner_returns_what_core_reads_back(backend: Backend) -> None:
     with JobRunner(backend.url, registry=Registry([Returns])) as runner:
+        before = datetime.now(UTC)
         execution = runner.run(Returns, {"k": "v"})  # insert, checkpoint, end: prepared
-        _check(execution, runner.get(execution.id))
+        _check(execution, runner.get(execution.id), before, datetime.now(UTC))
         [attempt] = runner.attempts(execution.id)
         assert attempt.status.value == "succeeded"
         assert attempt.finished_at >= attempt.started_at
@@ -58,8 +63,9 @@ def test_the_sync_runner_returns_what_core_reads_back(backend: Backend) -> None:
 
 async def test_the_async_runner_returns_what_core_reads_back(backend: Backend) -> None:
     async with AsyncJobRunner(backend.url, registry=Registry([ReturnsAsync])) as runner:
+        before = datetime.now(UTC)
         execution = await runner.run(ReturnsAsync, {"k": "v"})
-        _check(execution, await runner.get(execution.id))
+        _check(execution, await runner.get(execution.id), before, datetime.now(UTC))
         [attempt] = await runner.attempts(execution.id)
         assert attempt.status.value == "succeeded"
 
