@@ -222,16 +222,8 @@ class SyncPhases:
         """One statement of :mod:`jobrunner._prepared`, atomic by itself: on PostgreSQL
         a bare pooled connection in autocommit (no ``Connection``, no BEGIN/COMMIT),
         elsewhere a transaction of its own."""
-        with framework_sql(self.url):
-            if self._bare and self._autocommit is not None:
-                with Checkout(self._autocommit) as bare:
-                    yield bare
-            elif self._autocommit is not None:
-                with self._autocommit.connect() as conn:
-                    yield conn
-            else:
-                with self.engine.begin() as conn:
-                    yield conn
+        with framework_sql(self.url), _writing(self.engine, self._autocommit, self._bare) as conn:
+            yield conn
 
     @contextlib.contextmanager
     def _open(
@@ -415,14 +407,9 @@ class AsyncPhases:
             return result
 
     def _write_sync(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        if self._bare and self._autocommit is not None:
-            with Checkout(self._autocommit.sync_engine) as bare:
-                return fn(bare, *args)
-        if self._autocommit is not None:
-            with self._autocommit.sync_engine.connect() as conn:
-                return fn(conn, *args)
-        with self.engine.sync_engine.begin() as tx:
-            return fn(tx, *args)
+        autocommit = self._autocommit.sync_engine if self._autocommit is not None else None
+        with _writing(self.engine.sync_engine, autocommit, self._bare) as conn:
+            return fn(conn, *args)
 
     def _run_sync(self, fn: Callable[..., T], args: tuple[Any, ...], single: bool, read: bool) -> T:
         if single and self._autocommit is not None:
@@ -703,6 +690,23 @@ def _finish_sync(conn: Conn, state: AttemptState) -> Execution | None:
     return q.end_attempt(
         conn, state.lease, "finish", state.success_values(), state.ledger_row(SUCCEEDED)
     )
+
+
+@contextlib.contextmanager
+def _writing(engine: Engine, autocommit: Engine | None, bare: bool) -> Iterator[Conn]:
+    """Where a write that is atomic by itself runs (both runners): a bare checkout of a
+    dedicated autocommit engine, a Connection of an autocommit view of the caller's
+    engine (its isolation level is applied only through a Connection), or, on SQLite,
+    a transaction of its own."""
+    if bare and autocommit is not None:
+        with Checkout(autocommit) as checkout:
+            yield checkout
+    elif autocommit is not None:
+        with autocommit.connect() as conn:
+            yield conn
+    else:
+        with engine.begin() as conn:
+            yield conn
 
 
 _E = TypeVar("_E", Engine, AsyncEngine)
