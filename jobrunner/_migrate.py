@@ -119,7 +119,8 @@ def migrate(
     runs in the caller's transaction, which the caller commits). Tables created earlier
     by ``create_schema()`` are adopted: if they match the newest schema they are stamped,
     not created again. Returns the revisions applied, oldest first (empty when already up
-    to date); ``on_step(revision, description)`` is called after each one.
+    to date); ``on_step(revision, description)`` is called after each one (on SQLite,
+    where the whole upgrade is one transaction, after it commits).
     """
     url = _display(target)
     with framework_sql(url), _alembic_errors(), _connection(target) as (conn, owned):
@@ -221,35 +222,43 @@ def _upgrade(
 ) -> list[str]:
     from alembic import command
 
-    applied: list[str] = []
+    applied: list[tuple[str, str]] = []
 
     def record(*, step: Any, **_: Any) -> None:
         rev = step.up_revision_id if step.is_upgrade else step.down_revision_ids[0]
         description = step.up_revision.doc if step.up_revision is not None else ""
         if step.is_stamp:
             description = "existing tables adopted (stamped; they match this revision)"
-        applied.append(rev)
-        logger.info("jobrunner migration %s applied: %s", rev, description)
-        if on_step is not None:
-            on_step(rev, description)
+        applied.append((rev, description))
+        if not whole:
+            _announce(rev, description, on_step)
 
     config = alembic_config()
     config.attributes.update(connection=conn, on_version_apply=record)
-    with _serialised(conn, owned):
+    with _serialised(conn, owned) as whole:
         found = revision_of(conn)
         if found.shared:
             if owned:
                 conn.commit()
             return _shared_history(found, revision)
         adopt = _adoptable(conn)
-        if owned:
+        if owned and not whole:
             conn.commit()  # end the inspection's implicit transaction; Alembic runs its own
         if adopt is not None:
             command.stamp(config, adopt)
         command.upgrade(config, revision)
         if owned:
             conn.commit()
-    return applied
+    if whole:  # one transaction: nothing was applied until it committed
+        for rev, description in applied:
+            _announce(rev, description, on_step)
+    return [rev for rev, _ in applied]
+
+
+def _announce(rev: str, description: str, on_step: StepCallback | None) -> None:
+    logger.info("jobrunner migration %s applied: %s", rev, description)
+    if on_step is not None:
+        on_step(rev, description)
 
 
 def _shared_history(found: Revision, revision: str) -> list[str]:
@@ -326,19 +335,37 @@ def _connection(target: Target) -> Iterator[tuple[Connection, bool]]:
 
 
 @contextlib.contextmanager
-def _serialised(conn: Connection, owned: bool) -> Iterator[None]:
-    """One migrate at a time per PostgreSQL database; SQLite's write lock does this itself.
+def _serialised(conn: Connection, owned: bool) -> Iterator[bool]:
+    """One migrate at a time per database, from the version check to the last revision.
+
+    PostgreSQL: a session advisory lock, held while Alembic commits each revision in its
+    own transaction. SQLite: one ``BEGIN IMMEDIATE`` transaction (the write lock) around
+    the whole upgrade, so a second replica reads the version only after the first has
+    committed every revision, instead of both reading the old version and both applying
+    the next ``ADD COLUMN`` ("duplicate column name"). Alembic sees a transaction already
+    open and runs every revision inside it; SQLite's DDL is transactional, so the upgrade
+    is all or nothing. Yields True when that one transaction spans the upgrade.
 
     Only on a connection this module opened: a caller's connection is in the caller's
     transaction, which we must not commit.
     """
-    if not owned or conn.dialect.name != "postgresql":
-        yield
+    if not owned:
+        yield False
+        return
+    if conn.dialect.name == "sqlite":
+        conn.begin()  # BEGIN IMMEDIATE (see _engine._tune_sqlite): waits for the write lock
+        if not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # an engine of yours, not tuned by us
+        try:
+            yield True
+        except BaseException:
+            conn.rollback()
+            raise
         return
     conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
     conn.commit()
     try:
-        yield
+        yield False
     finally:
         conn.rollback()
         conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})

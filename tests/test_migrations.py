@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import textwrap
@@ -413,3 +414,50 @@ def test_upgrading_a_database_0003_created_and_filled(empty_url: str) -> None:
         assert runner.pause_queue("default")
         assert runner.run_due() == []
         assert [e.job for e in runner.list(job="tests.greet", status="failed")] == []
+
+
+def test_a_sqlite_upgrade_is_seen_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Another replica never reads a half-upgraded SQLite database (issue 19, defect 6).
+
+    CI saw two replicas migrate one new file at once and both apply the same revision
+    ("duplicate column name"): one had committed some revisions when the other read the
+    version and started from there. The upgrade now runs in one transaction holding the
+    write lock, so a reader between two revisions sees the database as it was before,
+    and ``on_step`` reports revisions only once they are committed.
+    """
+    import sqlite3
+    import threading
+
+    from jobrunner._engine import make_sync_engine
+
+    path = tmp_path / "replicas.db"
+    engine = make_sync_engine(f"sqlite:///{path}")
+    between, release = threading.Event(), threading.Event()
+    reported: list[str] = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def pause_between_revisions(*args: Any) -> None:
+        # the second revision records itself with an UPDATE of the version row
+        if args[2].startswith(f"UPDATE {VERSION_TABLE}") and not between.is_set():
+            between.set()
+            release.wait(60)
+
+    def migrate() -> None:
+        jobrunner.migrate(engine, on_step=lambda rev, _: reported.append(rev))
+
+    first = threading.Thread(target=migrate)
+    first.start()
+    try:
+        assert between.wait(60), "the migration never reached its second revision"
+        with contextlib.closing(sqlite3.connect(path)) as other:
+            seen = other.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        reported_midway = list(reported)
+    finally:
+        release.set()
+        first.join(60)
+    engine.dispose()
+    assert not first.is_alive()
+    assert seen == [], f"a half-upgraded database was visible to another connection: {seen}"
+    assert reported_midway == [], "revisions were reported applied before they committed"
+    assert _version(f"sqlite:///{path}") == [head_revision()]
+    assert reported[-1] == head_revision()
