@@ -178,48 +178,25 @@ class _RunnerBase:
     def _submissions(
         self,
         job: JobRef,
-        args_list: Iterable[Any],
         *,
         triggered_by: str,
         queue: str | None,
         priority: int | None,
         run_at: datetime | None,
         delay: float | timedelta | None,
-    ) -> builtins.list[dict[str, Any]]:
-        """Rows for ``submit_many``: every args validated before anything is stored."""
+    ) -> _Submissions:
+        """How ``submit_many`` turns each args into a row: one plan, one clock reading."""
         job_cls = self.registry.resolve(job)
         _warn_if_unimportable(job_cls)
-        due_at, queue_, priority_, now = (
-            _due_at(run_at, delay),
-            _queue(queue),
-            _priority(priority),
-            utcnow(),
+        return _Submissions(
+            self,
+            job_cls,
+            triggered_by=triggered_by,
+            queue=_queue(queue),
+            priority=_priority(priority),
+            due_at=_due_at(run_at, delay),
+            now=utcnow(),
         )
-        rows = []
-        for index, args in enumerate(args_list):
-            try:
-                args_value, args_json = job_cls.validate_args(args)
-                self._check_size(job_cls, args_json)
-            except InvalidArgs as exc:
-                raise InvalidArgs(f"args[{index}]: {exc}") from exc
-            rows.append(
-                new_row(
-                    job_cls,
-                    args_json,
-                    execution_id=uuid.uuid4(),
-                    now=now,
-                    triggered_by=triggered_by,
-                    idempotency_key=None,
-                    concurrency_key=job_cls.concurrency_key_for(args_value),
-                    queue=queue_,
-                    priority=priority_,
-                    due_at=due_at,
-                )
-            )
-        if self._instruments:
-            for row in rows:
-                _hooks.submitted(self._instruments, row, inline=False)
-        return rows
 
     def _check_size(self, job_cls: type[PhasedJob], args_json: Any) -> None:
         """Args above ``max_args_bytes`` (as JSON) are refused before anything is stored."""
@@ -516,3 +493,54 @@ def _full_url(engine: Engine | AsyncEngine) -> str:
 
 def _missing(execution_id: uuid.UUID) -> NoReturn:
     raise ExecutionNotFound(f"no execution with id {execution_id}")
+
+
+class _Submissions:
+    """``submit_many``'s rows, one args at a time: validated, sized, numbered.
+
+    Both runners build every row before anything is stored (one invalid args stores
+    nothing); the async one does it in slices between which the event loop runs.
+    """
+
+    __slots__ = ("_due_at", "_job_cls", "_now", "_priority", "_queue", "_runner", "_triggered_by")
+
+    def __init__(
+        self,
+        runner: _RunnerBase,
+        job_cls: type[PhasedJob],
+        *,
+        triggered_by: str,
+        queue: str | None,
+        priority: int | None,
+        due_at: datetime | float,
+        now: datetime,
+    ) -> None:
+        self._runner, self._job_cls, self._triggered_by = runner, job_cls, triggered_by
+        self._queue, self._priority, self._due_at, self._now = queue, priority, due_at, now
+
+    def row(self, index: int, args: Any) -> dict[str, Any]:
+        """The row for ``args``, the ``index``-th of the call (named in its error)."""
+        job_cls = self._job_cls
+        try:
+            args_value, args_json = job_cls.validate_args(args)
+            self._runner._check_size(job_cls, args_json)
+        except InvalidArgs as exc:
+            raise InvalidArgs(f"args[{index}]: {exc}") from exc
+        return new_row(
+            job_cls,
+            args_json,
+            execution_id=uuid.uuid4(),
+            now=self._now,
+            triggered_by=self._triggered_by,
+            idempotency_key=None,
+            concurrency_key=job_cls.concurrency_key_for(args_value),
+            queue=self._queue,
+            priority=self._priority,
+            due_at=self._due_at,
+        )
+
+    def built(self, rows: list[dict[str, Any]]) -> None:
+        """Every row is built: tell the instruments (each a PRODUCER span)."""
+        if self._runner._instruments:
+            for row in rows:
+                _hooks.submitted(self._runner._instruments, row, inline=False)

@@ -227,15 +227,16 @@ class JobRunner(_RunnerBase):
         queue, so thousands go in at once (see the benchmarks). No idempotency keys: use
         :meth:`submit` for those. ``session`` as for :meth:`submit`.
         """
-        rows = self._submissions(
+        plan = self._submissions(
             job,
-            args_list,
             triggered_by=triggered_by,
             queue=queue,
             priority=priority,
             run_at=run_at,
             delay=delay,
         )
+        rows = [plan.row(index, args) for index, args in enumerate(args_list)]
+        plan.built(rows)
         if session is not None:
             q.insert_many(caller_connection(session, self.engine), rows)
             on_commit(session, self._submitted)
